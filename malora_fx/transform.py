@@ -1,0 +1,98 @@
+"""transform — the public pipeline: capture, annotate, insert; and the helpers
+that act on a transformed GraphModule (aux loss, trainable parameters,
+train/eval switching of the adapters)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from .capture import capture
+from .config import MALoRAConfig
+from .layers import AdapterLayer, MixtureLayer
+from .passes import run_passes, transform_pipeline
+from .passes.insert_adapters import STATE_KEY, adapter_modules
+
+logger = logging.getLogger(__name__)
+
+
+def transform(
+    model: nn.Module | fx.GraphModule,
+    config: MALoRAConfig | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    **capture_options: Any,
+) -> fx.GraphModule:
+    """Insert adapters into ``model`` and return the adapted GraphModule.
+
+    ``model`` is captured first (see :func:`malora_fx.capture`) unless it is
+    already a GraphModule. The base parameters are frozen; only the adapters
+    train. The adapters start in training mode (dropout active); see
+    :func:`set_adapters_training`.
+
+    Example:
+        >>> gm = transform(model, MALoRAConfig(targets="q_proj,v_proj"), example_kwargs=batch)
+        >>> out = gm(**batch)   # equals model(**batch) at init: B = 0
+    """
+    config = config or MALoRAConfig()
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, example_kwargs, **capture_options)
+    run_passes(gm, transform_pipeline(config))
+    freeze_base(gm)
+    return gm
+
+
+def freeze_base(gm: nn.Module) -> None:
+    """``requires_grad`` off for every parameter but the adapters'."""
+    for param in gm.parameters():
+        param.requires_grad_(False)
+    for param in trainable_parameters(gm):
+        param.requires_grad_(True)
+
+
+def adapter_layers(gm: nn.Module) -> dict[str, AdapterLayer]:
+    """``{site fqn: adapter layer}`` of a transformed module."""
+    return adapter_modules(gm)
+
+
+def trainable_parameters(gm: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters, and only them (router weights included)."""
+    return [p for layer in adapter_modules(gm).values() for p in layer.parameters()]
+
+
+def get_config(gm: nn.Module) -> MALoRAConfig:
+    """The config the adapters of ``gm`` were inserted with."""
+    state = getattr(gm, "meta", {}).get(STATE_KEY)
+    if not state or "config" not in state:
+        raise ValueError("this module has no malora-fx adapters; call malora_fx.transform first")
+    return state["config"]
+
+
+def set_adapters_training(gm: nn.Module, training: bool = True) -> None:
+    """Switch the adapters between training (dropout on) and eval mode.
+
+    ``torch.export`` modules refuse ``.train()`` / ``.eval()``; this sets the
+    flag on the adapter submodules only. Base-model dropout is not affected: it
+    was fixed when the model was captured (eval mode, i.e. off).
+    """
+    for layer in adapter_modules(gm).values():
+        layer.train(training)
+
+
+def aux_loss(gm: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean load-balancing loss over the routed sites, from the last forward.
+
+    The value is unscaled (``N · Σ_t f_t p̄_t``; ``top_k`` when perfectly
+    balanced); training multiplies it by ``config.aux_loss_coef``. Pass the
+    batch's ``attention_mask`` ([batch, seq]) to count real tokens only. Methods
+    without a router (``lora``) give 0.
+    """
+    losses = [layer.aux_loss(attention_mask) for layer in _routed(adapter_modules(gm).values())]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
+
+
+def _routed(layers: Iterable[AdapterLayer]) -> list[MixtureLayer]:
+    return [layer for layer in layers if isinstance(layer, MixtureLayer)]
