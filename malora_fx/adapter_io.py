@@ -141,11 +141,19 @@ def _check_sites(directory, file_sites: dict[str, Any], model_sites: dict[str, A
             raise AdapterFileError(f"{directory}: site {fqn!r} is {dict(site)} in the file, {model_sites[fqn]} in the model")
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it for long)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
