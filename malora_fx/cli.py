@@ -35,7 +35,7 @@ def _add_transform(sub) -> None:
                                    "adapter_model.safetensors to --out and print the trainable-parameter table.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{describe_sources()} (default: {DEFAULT_MODEL})")
     p.add_argument("--out", help="output directory (required unless --dry-run)")
-    p.add_argument("--method", default="malora", choices=METHODS)
+    p.add_argument("--method", default="malora", help=f"one of {', '.join(METHODS)} (default: malora)")
     p.add_argument("--targets", default="all-linear",
                    help="'all-linear', 're:<regex>' or comma-separated module-name suffixes (default: all-linear)")
     p.add_argument("--experts", type=int, default=8, help="number of experts N (routed methods)")
@@ -63,10 +63,17 @@ def _add_fetch(sub) -> None:
     p.set_defaults(func=cmd_fetch)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit with status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="malora-fx", description="MALoRA adapters through graph passes.")
+    parser = OneLineParser(prog="malora-fx", description="MALoRA adapters through graph passes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per graph pass")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _add_transform(sub)
     _add_fetch(sub)
     return parser
@@ -95,32 +102,28 @@ def _check_out(args: argparse.Namespace) -> Path | None:
     return out
 
 
-def summarize(gm, source: str) -> dict[str, Any]:
+def summarize(config, sites: dict[str, dict[str, int]], base_parameters: int, source: str) -> dict[str, Any]:
     """The transform summary: totals, per-method totals and per-site counts."""
     from .accounting import count_sites, method_totals, percent
-    from .passes.insert_adapters import STATE_KEY
-    from .transform import get_config
 
-    config = get_config(gm)
-    sites = gm.meta[STATE_KEY]["sites"]
-    base = gm.meta["malora_fx.base_parameters"]
     counts = count_sites(config, sites)
     total = sum(c.parameters for c in counts)
     return {
         "base_model": source,
         "method": config.method,
         "config": config.to_dict(),
-        "base_parameters": base,
+        "base_parameters": base_parameters,
         "trainable_parameters": total,
-        "trainable_percent": percent(total, base),
-        "methods": {m: {"trainable_parameters": t, "trainable_percent": percent(t, base)}
+        "trainable_percent": percent(total, base_parameters),
+        "methods": {m: {"trainable_parameters": t, "trainable_percent": percent(t, base_parameters)}
                     for m, t in method_totals(config, sites).items()},
         "sites": [{"fqn": c.fqn, "in_features": c.in_features, "out_features": c.out_features,
                    "parameters": c.parameters} for c in counts],
     }
 
 
-def print_table(summary: dict[str, Any], stream=sys.stdout) -> None:
+def print_table(summary: dict[str, Any], stream=None) -> None:
+    stream = stream or sys.stdout
     sites = summary["sites"]
     width = max([len("site")] + [len(s["fqn"]) for s in sites])
     print(f"{'site':<{width}}  {'in':>6}  {'out':>6}  {'trainable':>12}", file=stream)
@@ -139,15 +142,20 @@ def print_table(summary: dict[str, Any], stream=sys.stdout) -> None:
 def cmd_transform(args: argparse.Namespace) -> int:
     from .adapter_io import save_adapters
     from .sources import load_model
-    from .transform import transform
+    from .passes.insert_adapters import STATE_KEY
+    from .transform import plan, transform
 
     config = config_from_args(args)
     out = _check_out(args)
     loaded = load_model(args.model)
     if loaded.on_meta and out is not None:
         raise MaloraError(f"model {args.model!r} is a bare config without weights; use it with --dry-run")
-    gm = transform(loaded.model, config)
-    summary = summarize(gm, loaded.source)
+    if out is None:
+        gm, sites = plan(loaded.model, config)
+    else:
+        gm = transform(loaded.model, config)
+        sites = gm.meta[STATE_KEY]["sites"]
+    summary = summarize(config, sites, gm.meta["malora_fx.base_parameters"], loaded.source)
     summary["out"] = None if out is None else str(out)
     if out is not None:
         _write_dir_atomically(out, lambda tmp: save_adapters(gm, tmp, base_model=loaded.source))

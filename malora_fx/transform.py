@@ -14,6 +14,7 @@ from .capture import capture
 from .config import MALoRAConfig
 from .layers import AdapterLayer, MixtureLayer
 from .passes import run_passes, transform_pipeline
+from .passes.annotate_targets import TARGET_KEY
 from .passes.insert_adapters import STATE_KEY, adapter_modules
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,32 @@ def transform(
     run_passes(gm, transform_pipeline(config))
     freeze_base(gm)
     return gm
+
+
+def plan(
+    model: nn.Module | fx.GraphModule,
+    config: MALoRAConfig | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    **capture_options: Any,
+) -> tuple[fx.GraphModule, dict[str, dict[str, int]]]:
+    """Select and check the sites ``transform`` would adapt, without inserting.
+
+    Returns the captured (annotated, otherwise unchanged) graph and
+    ``{fqn: {"in_features": n, "out_features": m}}``. Used by dry runs: no
+    adapter weights are allocated, so it works for models built on the meta
+    device at any size.
+    """
+    config = config or MALoRAConfig()
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, example_kwargs, **capture_options)
+    annotate, insert = transform_pipeline(config)
+    run_passes(gm, [annotate])
+    insert.requires(gm)
+    sites = {}
+    for node in gm.graph.nodes:
+        target = node.meta.get(TARGET_KEY)
+        if target is not None:
+            sites[target.fqn] = {"in_features": target.in_features, "out_features": target.out_features}
+    return gm, sites
 
 
 def freeze_base(gm: nn.Module) -> None:
