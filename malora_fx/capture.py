@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .errors import MaloraError
+from .errors import MaloraError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def capture(
             gm = _export(model, tuple(example_args), example_kwargs, dynamic, token_inputs=hf)
         except Exception as exc:
             if tracer == "export" or hf:
-                raise MaloraError(f"capture: torch.export failed for {type(model).__name__}: {_first_line(exc)}") from exc
-            logger.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", _first_line(exc))
+                raise MaloraError(f"capture: torch.export failed for {type(model).__name__}: {first_line(exc)}") from exc
+            logger.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", first_line(exc))
             gm = torch.fx.symbolic_trace(model)
     gm.meta["malora_fx.output_heads"] = output_head_names(model)
     gm.meta["malora_fx.base_parameters"] = count_parameters(model)
@@ -165,7 +165,3 @@ def _positional_names(model: nn.Module, count: int) -> list[str]:
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return [p.name for p in params[:count]]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

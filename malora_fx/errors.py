@@ -23,3 +23,9 @@ class TargetError(MaloraError):
 
 class AdapterFileError(MaloraError):
     """Adapter files are missing, malformed, or do not fit the model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import ModelSourceError
+from .errors import ModelSourceError, first_line
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
     try:
         model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except Exception as exc:
-        raise ModelSourceError(f"model {str(path)!r}: transformers could not load it: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"model {str(path)!r}: transformers could not load it: {first_line(exc)}") from exc
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -186,7 +186,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
-        raise ModelSourceError(f"model {str(path)!r}: could not load GGUF: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"model {str(path)!r}: could not load GGUF: {first_line(exc)}") from exc
     return LoadedModel(model.eval(), str(path.resolve()), tokenizer)
 
 
@@ -211,7 +211,7 @@ def _read_config(path: Path):
     try:
         return transformers.AutoConfig.for_model(**data)
     except Exception as exc:
-        raise ModelSourceError(f"model {str(path)!r}: unsupported config: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"model {str(path)!r}: unsupported config: {first_line(exc)}") from exc
 
 
 def _model_class(config):
@@ -247,7 +247,3 @@ def tiny_model(name: str) -> nn.Module:
             raise ModelSourceError(f"unknown tiny model {name!r}; allowed: {', '.join(TINY)}")
     return model.eval()
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
