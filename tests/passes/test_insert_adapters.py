@@ -77,7 +77,7 @@ def test_dynamic_batch_and_sequence_after_insertion():
     randomize_adapters(gm)
     ids = torch.randint(0, 256, (3, 11))
     mask = torch.ones_like(ids)
-    assert gm(input_ids=ids, attention_mask=mask).logits.shape == (3, 11, 256)
+    assert gm(input_ids=ids, attention_mask=mask).logits.shape == (3, 11, 258)
 
 
 def test_idempotent_and_no_match():
