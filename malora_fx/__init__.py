@@ -10,6 +10,7 @@ Public API (a contract; see README.md for examples):
     trainable_parameters(gm)
     set_adapters_training(gm, training)
     save_adapters(gm, dir) / load_adapters(gm, dir)
+    merge(gm) / lower(gm)
     load_model(source) / fetch(name)
 """
 
@@ -19,13 +20,14 @@ from . import passes as _passes  # noqa: F401  (malora_fx.passes is the top-leve
 from .adapter_io import load_adapters, read_adapter_config, save_adapters
 from .capture import capture
 from .config import MALoRAConfig
+from .deploy import lower, merge
 from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError, TargetError
 from .sources import fetch, load_model
 from .transform import adapter_layers, aux_loss, get_config, set_adapters_training, trainable_parameters, transform
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MALoRAConfig", "MaloraError", "ModelSourceError", "TargetError",
-    "adapter_layers", "aux_loss", "capture", "fetch", "get_config", "load_adapters", "load_model",
+    "adapter_layers", "aux_loss", "capture", "fetch", "get_config", "load_adapters", "load_model", "lower", "merge",
     "read_adapter_config", "save_adapters", "set_adapters_training", "trainable_parameters", "transform",
 ]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 _LINEAR_TARGETS = {torch.ops.aten.linear.default}
 CONV1D_CLASS = "transformers.pytorch_utils.Conv1D"
+PASS_TAG = "malora_fx.pass"  # set by passes on the nodes they add (see malora_fx.passes.tag_node)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class LinearSite:
     output: fx.Node
     in_features: int
     out_features: int
+    weight: str | None = None  # qualified name of the weight parameter, when found
+    weight_transposed: bool = False  # True when stored [n, m] (Conv1D), False for [m, n] (Linear)
 
 
 def _stack_top(node: fx.Node) -> tuple[str, str, str] | None:
@@ -101,7 +104,9 @@ def _conv1d_site(fqn: str, nodes: list[fx.Node]) -> LinearSite | None:
     n, m = _last_dim(inputs[0]), _last_dim(outputs[0])
     if n is None or m is None:
         return None
-    return LinearSite(fqn, inputs[0], outputs[0], n, m)
+    weights = [arg.target for node in nodes for arg in node.all_input_nodes
+               if arg.op == "get_attr" and getattr(arg.meta.get("val"), "shape", None) == (n, m)]
+    return LinearSite(fqn, inputs[0], outputs[0], n, m, weights[0] if len(weights) == 1 else None, True)
 
 
 def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
@@ -114,12 +119,15 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             if top is None:
                 continue
             n, m = _weight_sizes(gm, node)
-            sites.append(LinearSite(top[1], node.args[0], node, n, m))
+            weight = node.args[1].target if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
+            sites.append(LinearSite(top[1], node.args[0], node, n, m, weight, False))
         elif node.op == "call_module":
-            sizes = _module_sizes(gm.get_submodule(node.target))
+            module = gm.get_submodule(node.target)
+            sizes = _module_sizes(module)
             if sizes is not None:
-                sites.append(LinearSite(str(node.target), node.args[0], node, *sizes))
-        elif node.op == "call_function":
+                sites.append(LinearSite(str(node.target), node.args[0], node, *sizes, f"{node.target}.weight",
+                                        _is_conv1d(module)))
+        elif node.op == "call_function" and PASS_TAG not in node.meta:  # not a node a pass added
             top = _stack_top(node)
             if top is not None and top[2] == CONV1D_CLASS:
                 conv_groups.setdefault(top[0], (top[1], []))[1].append(node)

@@ -92,3 +92,18 @@ def transform_pipeline(config) -> list[GraphPass]:
     from .insert_adapters import InsertAdapters
 
     return [AnnotateTargets(config.targets), InsertAdapters(config)]
+
+
+def merge_pipeline() -> list[GraphPass]:
+    """Trained graph → merged graph: fold scales, MALoRA's P and LoRA sites."""
+    from .fold_adapters import FoldAdapters
+
+    return [FoldAdapters()]
+
+
+def lower_pipeline() -> list[GraphPass]:
+    """Trained or merged graph → static graph: fold (if not yet), then lower the routing."""
+    from .fold_adapters import FoldAdapters
+    from .lower_routing import LowerRouting
+
+    return [FoldAdapters(), LowerRouting()]
