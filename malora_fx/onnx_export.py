@@ -1,0 +1,204 @@
+"""ONNX export of a trained (merged, lowered) model, with a KV cache for decoders.
+
+Decoder LMs are captured through :class:`DecoderWithCache`, whose flat
+signature gives the ONNX graph these names::
+
+    inputs   input_ids [b, s], attention_mask [b, past + s], position_ids [b, s],
+             past_key_values.{i}.key / .value [b, kv_heads, past, head_dim]
+    outputs  logits [b, s, vocab], present.{i}.key / .value [b, kv_heads, past + s, head_dim]
+
+Encoders take ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` when
+used) and return ``last_hidden_state`` (or ``logits``). The adapters go
+through the same passes as in PyTorch (transform → load → merge → lower), so
+the exported graph holds only plain ops; ``export.json`` records what a runner
+needs (names, layer count, cache shapes, dtype, eos ids).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from .adapter_io import config_from_file, load_adapters, read_adapter_config
+from .capture import count_parameters, output_head_names
+from .deploy import lower, merge
+from .errors import MaloraError
+from .sources import load_model
+from .transform import transform
+
+logger = logging.getLogger(__name__)
+
+EXPORT_JSON = "export.json"
+MODEL_FILE = "model.onnx"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+PREFIX = "lm."
+
+
+class DecoderWithCache(nn.Module):
+    """A causal LM with its KV cache as plain tensors in and out (``lm`` is the model)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(list(past_key_values), config=self.lm.config)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True)
+        return out.logits, tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+
+
+def cache_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv, head_dim
+
+
+def decoder_example(config, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4) -> dict[str, Any]:
+    layers, kv, head_dim = cache_geometry(config)
+    empty = lambda: torch.randn(batch, kv, past, head_dim, dtype=dtype)  # noqa: E731
+    return {
+        "input_ids": torch.randint(0, min(int(config.vocab_size), 100), (batch, seq)),
+        "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
+        "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+        "past_key_values": tuple((empty(), empty()) for _ in range(layers)),
+    }
+
+
+def decoder_dynamic_shapes(example: dict[str, Any]) -> dict[str, Any]:
+    auto = Dim.AUTO
+    return {
+        "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+        "past_key_values": tuple(({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in example["past_key_values"]),
+    }
+
+
+def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def capture_decoder(model: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Capture a causal LM with its KV cache; module names are those of ``model``."""
+    wrapper = DecoderWithCache(model).eval()
+    example = decoder_example(model.config, dtype)
+    exported = torch.export.export(wrapper, (), example, dynamic_shapes=decoder_dynamic_shapes(example), strict=False)
+    gm = exported.module()
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (path[len(PREFIX):] if path.startswith(PREFIX) else path, cls) for key, (path, cls) in stack.items()
+            }
+    gm.meta["malora_fx.output_heads"] = output_head_names(model)
+    gm.meta["malora_fx.base_parameters"] = count_parameters(model)
+    return gm, example
+
+
+def is_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)()) and hasattr(model.config, "num_hidden_layers")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", opset: int = 18, cache: bool = True,
+               base_only: bool = False) -> Path:
+    """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
+
+    Writes ``model.onnx`` (external data when over 2 GB), the tokenizer files
+    and ``export.json``; the directory appears only when complete.
+    """
+    if dtype not in DTYPES:
+        raise MaloraError(f"--dtype: {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if opset < 18:
+        raise MaloraError(f"--opset: {opset} is too old; allowed: >= 18")
+    info = read_adapter_config(run_dir)
+    loaded = load_model(info["base_model"])
+    model = loaded.model.to(DTYPES[dtype]).eval()
+    decoder = cache and is_decoder(model)
+    if decoder:
+        gm, example = capture_decoder(model, DTYPES[dtype])
+        dynamic = decoder_dynamic_shapes(example)
+        input_names, output_names = decoder_names(cache_geometry(model.config)[0])
+    else:
+        gm, example, dynamic, input_names, output_names = _capture_plain(model)
+    if not base_only:
+        gm = transform(gm, config_from_file(info))
+        load_adapters(gm, run_dir)
+        gm = lower(merge(gm))
+        gm.to(DTYPES[dtype])
+    out_dir = Path(out_dir)
+    meta = {
+        "format": "malora-fx-export/1", "base_model": info["base_model"], "method": None if base_only else info["method"],
+        "adapters": None if base_only else str(Path(run_dir).resolve()), "dtype": dtype, "opset": opset,
+        "kind": "decoder" if decoder else ("causal-lm" if hasattr(model, "lm_head") else "encoder"),
+        "inputs": input_names, "outputs": output_names, "kv_cache": decoder,
+    }
+    if decoder:
+        layers, kv, head_dim = cache_geometry(model.config)
+        meta.update(num_layers=layers, num_kv_heads=kv, head_dim=head_dim, vocab_size=int(model.config.vocab_size),
+                    max_positions=int(getattr(model.config, "max_position_embeddings", 0) or 0))
+    _write_export(gm, example, dynamic, input_names, output_names, opset, out_dir, meta, loaded.tokenizer)
+    return out_dir
+
+
+def _capture_plain(model: nn.Module):
+    from .capture import capture, default_example_kwargs
+
+    example = default_example_kwargs(model)
+    gm = capture(model, example)
+    dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} for k in example}
+    out = gm(**example)
+    output_names = ["logits"] if hasattr(out, "logits") else ["last_hidden_state"]
+    return gm, example, dynamic, list(example), output_names
+
+
+class _FirstOutputs(nn.Module):
+    """Keep only the named outputs of a transformers ModelOutput (encoders)."""
+
+    def __init__(self, gm: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.gm, self.names = gm, names
+
+    def forward(self, **kwargs):
+        out = self.gm(**kwargs)
+        return tuple(getattr(out, name) for name in self.names)
+
+
+def _write_export(gm, example, dynamic, input_names, output_names, opset, out_dir: Path, meta, tokenizer) -> None:
+    import onnx
+
+    module = gm if meta["kv_cache"] else _FirstOutputs(gm, output_names)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        program = torch.onnx.export(module, (), kwargs=example, dynamic_shapes=dynamic, input_names=input_names,
+                                    output_names=output_names, opset_version=opset, dynamo=True, verbose=False)
+        size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+        program.save(str(tmp / MODEL_FILE), external_data=size > 2 * 1024**3)
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
