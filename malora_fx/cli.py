@@ -136,6 +136,35 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run (adapters merged and lowered) to ONNX",
+                       description="Write EXPORT_DIR/model.onnx (+ tokenizer, export.json). Decoders get a KV cache.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--dtype", default="fp32", help="fp32 or fp16")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    p.add_argument("--no-cache", action="store_true", help="export without KV cache inputs/outputs")
+    p.add_argument("--base-only", action="store_true", help="export the untouched base model (for comparisons)")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_run(sub) -> None:
+    from .ort_runner import PROVIDERS
+
+    p = sub.add_parser("run", help="generate text with an exported model in onnxruntime",
+                       description="Stream generated text from EXPORT_DIR/model.onnx using its KV cache.")
+    p.add_argument("export_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--adapter", help="an .onnx_adapter file to activate for this run")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template to the prompt")
+    p.set_defaults(func=cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="malora-fx", description="MALoRA adapters through graph passes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per graph pass")
@@ -146,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_inspect(sub)
+    _add_export(sub)
+    _add_run(sub)
     return parser
 
 
@@ -373,6 +404,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _balanced(per_site) -> float:
     loads = next(iter(per_site.values()))
     return sum(loads) / len(loads)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_run
+
+    out = export_run(args.run_dir, args.out, dtype=args.dtype, opset=args.opset, cache=not args.no_cache,
+                     base_only=args.base_only)
+    meta = json.loads((out / "export.json").read_text())
+    print(f"wrote {out}/model.onnx ({meta['kind']}, {meta['dtype']}, opset {meta['opset']}, "
+          f"{'with' if meta['kv_cache'] else 'without'} KV cache); inputs: {', '.join(meta['inputs'][:5])}"
+          + (" ..." if len(meta["inputs"]) > 5 else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .evaluate import stop_token_ids
+    from .ort_runner import OrtGenerator
+
+    gen = OrtGenerator(args.export_dir, args.provider)
+    print(f"malora-fx: onnxruntime {gen.provider}", file=sys.stderr)
+    tok = gen.tokenizer
+    if getattr(tok, "chat_template", None) and not args.raw:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+    else:
+        text = args.prompt
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    produced: list[int] = []
+    shown = ""
+    for token in gen.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, stop_ids=stop_token_ids(tok), adapter=args.adapter, seed=args.seed):
+        produced.append(token)
+        text_now = tok.decode(produced, skip_special_tokens=True)
+        print(text_now[len(shown):], end="", flush=True)
+        shown = text_now
+    print()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

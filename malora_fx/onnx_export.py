@@ -168,22 +168,28 @@ def _capture_plain(model: nn.Module):
     return gm, example, dynamic, list(example), output_names
 
 
-class _FirstOutputs(nn.Module):
-    """Keep only the named outputs of a transformers ModelOutput (encoders)."""
+class _EncoderOutputs(nn.Module):
+    """Named token inputs in, the named output tensors of a ModelOutput out (encoders)."""
 
-    def __init__(self, gm: nn.Module, names: list[str]) -> None:
+    def __init__(self, gm: nn.Module, input_names: list[str], output_names: list[str]) -> None:
         super().__init__()
-        self.gm, self.names = gm, names
+        self.gm, self.input_names, self.output_names = gm, input_names, output_names
 
-    def forward(self, **kwargs):
-        out = self.gm(**kwargs)
-        return tuple(getattr(out, name) for name in self.names)
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        out = self.gm(**{name: given[name] for name in self.input_names})
+        return tuple(getattr(out, name) for name in self.output_names)
 
 
 def _write_export(gm, example, dynamic, input_names, output_names, opset, out_dir: Path, meta, tokenizer) -> None:
     import onnx
 
-    module = gm if meta["kv_cache"] else _FirstOutputs(gm, output_names)
+    if not meta["kv_cache"]:
+        module = _EncoderOutputs(gm, input_names, output_names)
+    else:
+        module = gm
+    for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
+        sub.training = False
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -1,0 +1,100 @@
+"""ONNX export (KV cache, names, checker) and onnxruntime parity with PyTorch."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import malora_fx as mf
+from malora_fx.cli import load_run, main
+from malora_fx.evaluate import greedy_generate
+from malora_fx.onnx_export import export_run
+from malora_fx.ort_runner import OrtGenerator
+
+from conftest import METHODS, randomize_adapters, small_config, tiny
+
+
+def make_run(path, name, method, **changes):
+    model, kwargs = tiny(name)
+    gm = mf.transform(model, small_config(method, **changes), kwargs)
+    randomize_adapters(gm, std=0.05, seed=9)
+    mf.save_adapters(gm, path, base_model=name)
+    return path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decoder_export_matches_pytorch(method, tmp_path):
+    run = make_run(tmp_path / "run", "tiny-llama", method)
+    out = export_run(run, tmp_path / "export")
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.opset_import[0].version >= 18
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                      "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
+    assert not any(n.domain == "com.microsoft" for n in model.graph.node)
+
+    gen = OrtGenerator(out, "cpu")
+    gm, _ = load_run(str(run))
+    ids = np.random.default_rng(0).integers(0, 258, size=(2, 7))
+    logits, past = gen.step(ids, np.ones_like(ids), np.tile(np.arange(7), (2, 1)), gen.empty_past(2))
+    with torch.no_grad():
+        ref = gm(input_ids=torch.tensor(ids), attention_mask=torch.ones(2, 7, dtype=torch.long)).logits.numpy()
+        base = tiny("tiny-llama")[0](input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(ref - base).max() > 1e-3  # the adapters matter
+    assert np.abs(logits - ref).max() <= 1e-4
+    assert past["past_key_values.0.key"].shape == (2, 2, 7, 16)
+
+    prompt = list(ids[0])
+    ort_tokens = list(gen.generate(prompt, max_new_tokens=32))
+    pt_tokens = greedy_generate(lambda i, m: gm(input_ids=i, attention_mask=m).logits, [prompt], max_new_tokens=32,
+                                stop_ids=set(), pad_id=256)[0]
+    assert ort_tokens == pt_tokens
+
+
+def test_encoder_export_and_base_only(tmp_path):
+    run = make_run(tmp_path / "run", "tiny-bert", "malora")
+    out = export_run(run, tmp_path / "export")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["kind"] == "encoder" and not meta["kv_cache"]
+    assert meta["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(1).integers(0, 258, size=(3, 5))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    (hidden,) = session.run(["last_hidden_state"], feeds)
+    gm, _ = load_run(str(run))
+    ref = gm(**{k: torch.tensor(v) for k, v in feeds.items()}).last_hidden_state.detach().numpy()
+    assert np.abs(hidden - ref).max() <= 1e-4
+    base_out = export_run(run, tmp_path / "base", base_only=True)
+    assert json.loads((base_out / "export.json").read_text())["method"] is None
+
+
+def test_cli_export_and_run(tmp_path, capsys):
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
+    assert "with KV cache" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "exp"), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "onnxruntime CPUExecutionProvider" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "{tmp}", "--prompt", "x"], "no model.onnx / export.json"),
+    (["run", "{exp}", "--prompt", "x", "--provider", "tpu"], "unknown provider 'tpu'; allowed: auto, cuda, cpu"),
+    (["run", "{exp}", "--prompt", "x" * 300], "exceeds the model's context of 256 positions"),
+    (["export", "{run}", "--out", "{tmp}/e2", "--dtype", "int4"], "--dtype: 'int4'; allowed: fp32, fp16"),
+    (["export", "{run}", "--out", "{tmp}/e3", "--opset", "13"], "--opset: 13 is too old"),
+])
+def test_bad_input_exit_2(argv, message, tmp_path, capsys):
+    run = make_run(tmp_path / "run", "tiny-llama", "lora")
+    exp = tmp_path / "exp"
+    if "{exp}" in " ".join(argv):
+        export_run(run, exp)
+    code = main([a.format(tmp=tmp_path, exp=exp, run=run) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1]
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
