@@ -145,6 +145,10 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     p.add_argument("--no-cache", action="store_true", help="export without KV cache inputs/outputs")
     p.add_argument("--base-only", action="store_true", help="export the untouched base model (for comparisons)")
+    p.add_argument("--switchable", action="store_true",
+                   help="keep adapter tensors as overridable inputs, so .onnx_adapter files can be swapped per run")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only the adapters, as an onnxruntime .onnx_adapter file (--out FILE)")
     p.set_defaults(func=cmd_export)
 
 
@@ -407,10 +411,15 @@ def _balanced(per_site) -> float:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .onnx_export import export_run
+    from .onnx_export import export_adapter, export_run
 
+    if args.adapter_only:
+        if not args.out.endswith(".onnx_adapter"):
+            raise MaloraError(f"--adapter-only: --out {args.out!r} must end with .onnx_adapter")
+        print(f"wrote {export_adapter(args.run_dir, args.out, dtype=args.dtype)}")
+        return 0
     out = export_run(args.run_dir, args.out, dtype=args.dtype, opset=args.opset, cache=not args.no_cache,
-                     base_only=args.base_only)
+                     base_only=args.base_only, switchable=args.switchable)
     meta = json.loads((out / "export.json").read_text())
     print(f"wrote {out}/model.onnx ({meta['kind']}, {meta['dtype']}, opset {meta['opset']}, "
           f"{'with' if meta['kv_cache'] else 'without'} KV cache); inputs: {', '.join(meta['inputs'][:5])}"

@@ -22,13 +22,16 @@ def merge(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def lower(gm: fx.GraphModule) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, *, fold_lora: bool = True) -> fx.GraphModule:
     """Replace routed adapters by static ops (MatMul, Softmax, TopK, Scatter,
     Mul); merges first if needed. The result has no adapter modules and no
-    data-dependent shapes, ready for ``torch.export`` / ONNX.
+    data-dependent shapes, ready for ``torch.export`` / ONNX. With
+    ``fold_lora=False`` LoRA sites stay separate matmuls instead of being folded
+    into the base weights, so every adapter tensor remains its own buffer
+    (``gm.malora_lowered``), overridable after export.
 
     Example:
         >>> gm = malora_fx.lower(malora_fx.merge(gm))
     """
-    run_passes(gm, lower_pipeline())
+    run_passes(gm, lower_pipeline(fold_lora))
     return gm

@@ -31,6 +31,7 @@ from torch.export import Dim
 from .adapter_io import config_from_file, load_adapters, read_adapter_config
 from .capture import count_parameters, output_head_names
 from .deploy import lower, merge
+from .passes.lower_routing import LOWERED_ATTR
 from .errors import MaloraError
 from .sources import load_model
 from .transform import transform
@@ -117,11 +118,14 @@ def is_decoder(model: nn.Module) -> bool:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", opset: int = 18, cache: bool = True,
-               base_only: bool = False) -> Path:
+               base_only: bool = False, switchable: bool = False) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
 
     Writes ``model.onnx`` (external data when over 2 GB), the tokenizer files
-    and ``export.json``; the directory appears only when complete.
+    and ``export.json``; the directory appears only when complete. With
+    ``switchable`` the adapter tensors (LoRA kept out of the base weights) are
+    graph inputs with initializers, so an ``.onnx_adapter`` file of another run
+    of the same shape can replace them per request.
     """
     if dtype not in DTYPES:
         raise MaloraError(f"--dtype: {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -138,9 +142,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
     else:
         gm, example, dynamic, input_names, output_names = _capture_plain(model)
     if not base_only:
-        gm = transform(gm, config_from_file(info))
-        load_adapters(gm, run_dir)
-        gm = lower(merge(gm))
+        gm = _adapted(gm, run_dir, info, switchable)
         gm.to(DTYPES[dtype])
     out_dir = Path(out_dir)
     meta = {
@@ -148,6 +150,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
         "adapters": None if base_only else str(Path(run_dir).resolve()), "dtype": dtype, "opset": opset,
         "kind": "decoder" if decoder else ("causal-lm" if hasattr(model, "lm_head") else "encoder"),
         "inputs": input_names, "outputs": output_names, "kv_cache": decoder,
+        "switchable": bool(switchable and not base_only),
+        "adapter_parameters": adapter_parameters(gm) if switchable and not base_only else {},
     }
     if decoder:
         layers, kv, head_dim = cache_geometry(model.config)
@@ -155,6 +159,57 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
                     max_positions=int(getattr(model.config, "max_position_embeddings", 0) or 0))
     _write_export(gm, example, dynamic, input_names, output_names, opset, out_dir, meta, loaded.tokenizer)
     return out_dir
+
+
+def _adapted(gm: fx.GraphModule, run_dir, info: dict, switchable: bool) -> fx.GraphModule:
+    """transform → load the run's adapters → merge → lower (LoRA kept apart when switchable)."""
+    gm = transform(gm, config_from_file(info))
+    load_adapters(gm, run_dir)
+    return lower(gm, fold_lora=not switchable) if switchable else lower(merge(gm))
+
+
+def adapter_parameters(gm: fx.GraphModule) -> dict[str, list[int]]:
+    """``{onnx initializer name: shape}`` of the lowered adapter tensors."""
+    container = getattr(gm, LOWERED_ATTR, None)
+    if container is None:
+        return {}
+    return {f"{LOWERED_ATTR}.{name}": list(t.shape) for name, t in container.named_buffers()}
+
+
+def export_adapter(run_dir: str | Path, out_file: str | Path, *, dtype: str = "fp32") -> Path:
+    """Write RUN_DIR's adapters as an onnxruntime ``.onnx_adapter`` file for a switchable export."""
+    import onnxruntime as ort
+
+    info = read_adapter_config(run_dir)
+    loaded = load_model(info["base_model"])
+    model = loaded.model.to(DTYPES[dtype]).eval()
+    gm = capture_decoder(model, DTYPES[dtype])[0] if is_decoder(model) else _capture_plain(model)[0]
+    gm = _adapted(gm, run_dir, info, switchable=True)
+    gm.to(DTYPES[dtype])
+    params = {f"{LOWERED_ATTR}.{name}": ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().numpy())
+              for name, t in getattr(gm, LOWERED_ATTR).named_buffers()}
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(params)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    adapter.export_adapter(str(tmp))
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def make_initializers_overridable(path: Path, names: set[str]) -> None:
+    """Declare the initializers ``names`` as graph inputs too (onnxruntime lets a run override them)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    present = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.name in names and init.name not in present:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    onnx.save(model, str(path))
 
 
 def _capture_plain(model: nn.Module):
@@ -197,6 +252,8 @@ def _write_export(gm, example, dynamic, input_names, output_names, opset, out_di
                                     output_names=output_names, opset_version=opset, dynamo=True, verbose=False)
         size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
         program.save(str(tmp / MODEL_FILE), external_data=size > 2 * 1024**3)
+        if meta["switchable"]:
+            make_initializers_overridable(tmp / MODEL_FILE, set(meta["adapter_parameters"]))
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -55,9 +55,12 @@ class OrtGenerator:
         self.dir = Path(export_dir)
         self.meta = read_export(self.dir)
         self.provider = choose_provider(provider)
-        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), providers=[self.provider])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # overridable adapter initializers are intended; keep ORT quiet about them
+        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=[self.provider])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         self.dtype = _NP_DTYPES[self.meta["dtype"]]
+        self._loaded_adapters: dict[str, object] = {}
 
     @property
     def is_decoder(self) -> bool:
@@ -75,12 +78,36 @@ class OrtGenerator:
         path = Path(adapter)
         if not path.is_file():
             raise MaloraError(f"--adapter: {adapter} does not exist")
+        self.check_adapter(path)
         options = ort.RunOptions()
         try:
-            options.add_active_adapter(ort.LoraAdapter.create_from_file(str(path)))
+            lora = ort.LoraAdapter()
+            lora.Load(str(path))
+            options.add_active_adapter(lora)
+            self._loaded_adapters[str(path)] = lora  # RunOptions does not keep the adapter alive
         except Exception as exc:
             raise MaloraError(f"--adapter: {adapter} cannot be used with this export: {exc}") from None
         return options
+
+    def check_adapter(self, path: Path) -> None:
+        """Fail unless every tensor of the adapter file is an overridable input of this export."""
+        import onnxruntime as ort
+
+        expected = self.meta.get("adapter_parameters") or {}
+        if not expected:
+            raise MaloraError(f"--adapter: {self.dir} was not exported with --switchable; adapters cannot be swapped")
+        try:
+            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as exc:
+            raise MaloraError(f"--adapter: {path} is not an onnxruntime adapter file ({exc})") from None
+        for name, value in params.items():
+            shape = list(value.shape())
+            if expected.get(name) != shape:
+                raise MaloraError(f"--adapter: {path} was made for another export: tensor {name} {shape} "
+                                  f"does not fit ({expected.get(name, 'no such input')})")
+        if set(params) != set(expected):
+            missing = sorted(set(expected) - set(params))[0]
+            raise MaloraError(f"--adapter: {path} was made for another export: it lacks {missing}")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: dict[str, np.ndarray], options=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -101,9 +101,12 @@ def merge_pipeline() -> list[GraphPass]:
     return [FoldAdapters()]
 
 
-def lower_pipeline() -> list[GraphPass]:
-    """Trained or merged graph → static graph: fold (if not yet), then lower the routing."""
+def lower_pipeline(fold_lora: bool = True) -> list[GraphPass]:
+    """Trained or merged graph → static graph: fold (if not yet), then lower the routing.
+
+    ``fold_lora=False`` keeps LoRA updates out of the base weights (switchable exports).
+    """
     from .fold_adapters import FoldAdapters
     from .lower_routing import LowerRouting
 
-    return [FoldAdapters(), LowerRouting()]
+    return [FoldAdapters(fold_lora), LowerRouting()]

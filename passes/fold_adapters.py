@@ -56,13 +56,21 @@ def adapted_site_calls(gm: fx.GraphModule) -> list[tuple[LinearSite, fx.Node, fx
 
 
 class FoldAdapters(BasePass):
+    """``fold_lora=False`` keeps LoRA sites as adapters (lowered later as two
+    matmuls) so their weights stay separate, overridable tensors."""
+
     name = "fold_adapters"
+
+    def __init__(self, fold_lora: bool = True) -> None:
+        self.fold_lora = fold_lora
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         matches = 0
         for site, call, add in adapted_site_calls(gm):
             layer = gm.get_submodule(call.target)
             if isinstance(layer, LoRALayer):
+                if not self.fold_lora:
+                    continue
                 _fold_into_weight(gm, site, layer)
                 add.replace_all_uses_with(site.output)
                 gm.graph.erase_node(add)
@@ -78,8 +86,10 @@ class FoldAdapters(BasePass):
         return PassResult(gm, modified=matches > 0, matches=matches)
 
     def ensures(self, gm: fx.GraphModule) -> None:
+        kept = () if self.fold_lora else (LoRALayer,)
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), AdapterLayer):
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, AdapterLayer) and not isinstance(module, kept):
                 raise AssertionError(f"fold_adapters left a trainable adapter call: {node.target}")
 
 

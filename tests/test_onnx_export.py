@@ -98,3 +98,39 @@ def test_bad_input_exit_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1]
     assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
+
+
+def _logits(gen, ids, options=None):
+    return gen.step(ids, np.ones_like(ids), np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
+                    gen.empty_past(ids.shape[0]), options)[0]
+
+
+@pytest.mark.parametrize("method", ["malora", "lora"])
+def test_one_session_serves_two_adapter_files(method, tmp_path):
+    run_a = make_run(tmp_path / "a", "tiny-llama", method)
+    model, kwargs = tiny("tiny-llama")
+    gm_b = mf.transform(model, small_config(method), kwargs)
+    randomize_adapters(gm_b, std=0.05, seed=123)
+    mf.save_adapters(gm_b, tmp_path / "b", base_model="tiny-llama")
+    assert main(["export", str(run_a), "--out", str(tmp_path / "served"), "--switchable"]) == 0
+    for name in ("a", "b"):
+        assert main(["export", str(tmp_path / name), "--adapter-only", "--out", str(tmp_path / f"{name}.onnx_adapter")]) == 0
+    served = OrtGenerator(tmp_path / "served", "cpu")
+    ids = np.random.default_rng(3).integers(0, 258, size=(2, 6))
+    for name in ("a", "b"):
+        own = OrtGenerator(export_run(tmp_path / name, tmp_path / f"own-{name}"), "cpu")
+        swapped = _logits(served, ids, served.run_options(tmp_path / f"{name}.onnx_adapter"))
+        assert np.abs(swapped - _logits(own, ids)).max() <= 1e-4
+    assert np.abs(_logits(served, ids, served.run_options(tmp_path / "a.onnx_adapter"))
+                  - _logits(served, ids, served.run_options(tmp_path / "b.onnx_adapter"))).max() > 1e-3
+
+
+def test_adapter_for_another_export_is_rejected(tmp_path, capsys):
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    other = make_run(tmp_path / "other", "tiny-llama", "malora", targets="q_proj")
+    assert main(["export", str(run), "--out", str(tmp_path / "served"), "--switchable"]) == 0
+    assert main(["export", str(other), "--adapter-only", "--out", str(tmp_path / "other.onnx_adapter")]) == 0
+    capsys.readouterr()
+    code = main(["run", str(tmp_path / "served"), "--prompt", "x", "--adapter", str(tmp_path / "other.onnx_adapter")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "was made for another export" in err[-1]
