@@ -169,6 +169,16 @@ def _add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _add_import_peft(sub) -> None:
+    p = sub.add_parser("import-peft", help="turn a PEFT LoRA adapter directory into a malora-fx run directory",
+                       description="Convert PEFT's adapter_config.json + adapter_model.safetensors (LoRA) into a "
+                                   "`lora` run directory that export / eval / run accept.")
+    p.add_argument("peft_dir")
+    p.add_argument("--base", required=True, help="the base model source the adapter was trained on")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.set_defaults(func=cmd_import_peft)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="malora-fx", description="MALoRA adapters through graph passes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per graph pass")
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_export(sub)
     _add_run(sub)
+    _add_import_peft(sub)
     return parser
 
 
@@ -449,6 +460,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(text_now[len(shown):], end="", flush=True)
         shown = text_now
     print()
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    from .peft_import import convert_peft
+
+    out = convert_peft(args.peft_dir, args.out, args.base)
+    sites = json.loads((out / "adapter_config.json").read_text())["sites"]
+    print(f"wrote {out} (method lora, {len(sites)} sites)")
     return 0
 
 
