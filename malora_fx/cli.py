@@ -179,6 +179,21 @@ def _add_import_peft(sub) -> None:
     p.set_defaults(func=cmd_import_peft)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="onnxruntime prefill / decode latency: base vs lowered vs unlowered vs PyTorch",
+                       description="Time EXPORT_DIR against the base export, the unlowered export and PyTorch eager "
+                                   "(exports made once under EXPORT_DIR/bench/), alternated.")
+    p.add_argument("export_dir")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
+    p.add_argument("--json", help="also write the timings here")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="malora-fx", description="MALoRA adapters through graph passes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per graph pass")
@@ -192,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_run(sub)
     _add_import_peft(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -461,6 +477,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = text_now
     print()
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    from .bench import benchmark, format_table, ort_runner, torch_runner
+    from .ort_runner import OrtGenerator, read_export
+
+    meta = read_export(args.export_dir)
+    if not meta.get("kv_cache") or not meta.get("adapters"):
+        raise MaloraError(f"{args.export_dir}: bench needs an adapted decoder export with a KV cache")
+    lowered = OrtGenerator(args.export_dir, args.provider)
+    bench_dir = Path(args.export_dir) / "bench"
+    base = OrtGenerator(_cached_export(meta, bench_dir / "base", base_only=True), args.provider)
+    variants = {"base export": ort_runner(base), "lowered export": ort_runner(lowered)}
+    try:
+        variants["unlowered export"] = ort_runner(OrtGenerator(_cached_export(meta, bench_dir / "unlowered",
+                                                                              lowered=False), args.provider))
+    except Exception as exc:  # report, do not fail: the point is whether it exports at all
+        print(f"unlowered export: does not export ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
+    if not args.no_torch:
+        variants["pytorch eager"] = _torch_variant(meta)
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, onnxruntime {lowered.provider}")
+    timings = benchmark(variants, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
+                        repeats=args.repeats, vocab=min(meta.get("vocab_size", 1000), 1000))
+    print(format_table(timings, args.batch, args.seq))
+    if args.json:
+        Path(args.json).write_text(json.dumps({n: {"prefill_s": t.prefill_s, "decode_s": t.decode_s}
+                                               for n, t in timings.items()}, indent=2))
+    return 0
+
+
+def _cached_export(meta: dict, out: Path, **options) -> Path:
+    from .onnx_export import export_run
+
+    if not (out / "export.json").is_file():
+        print(f"malora-fx: exporting {out.name} variant for comparison", file=sys.stderr)
+        export_run(meta["adapters"], out, dtype=meta["dtype"], opset=meta["opset"], **options)
+    return out
+
+
+def _torch_variant(meta: dict):
+    from .adapter_io import config_from_file, load_adapters, read_adapter_config
+    from .bench import torch_runner
+    from .onnx_export import DTYPES, capture_decoder, cache_geometry
+    from .sources import load_model
+    from .transform import set_adapters_training, transform
+
+    info = read_adapter_config(meta["adapters"])
+    model = load_model(info["base_model"]).model.to(DTYPES[meta["dtype"]])
+    gm, _ = capture_decoder(model, DTYPES[meta["dtype"]])
+    gm = transform(gm, config_from_file(info))
+    load_adapters(gm, meta["adapters"])
+    set_adapters_training(gm, False)
+    return torch_runner(gm, *cache_geometry(model.config), dtype=DTYPES[meta["dtype"]])
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:

@@ -118,14 +118,16 @@ def is_decoder(model: nn.Module) -> bool:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", opset: int = 18, cache: bool = True,
-               base_only: bool = False, switchable: bool = False) -> Path:
+               base_only: bool = False, switchable: bool = False, lowered: bool = True) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
 
     Writes ``model.onnx`` (external data when over 2 GB), the tokenizer files
     and ``export.json``; the directory appears only when complete. With
     ``switchable`` the adapter tensors (LoRA kept out of the base weights) are
     graph inputs with initializers, so an ``.onnx_adapter`` file of another run
-    of the same shape can replace them per request.
+    of the same shape can replace them per request. ``lowered=False`` exports the
+    merged graph as is (routed adapters traced through their module code), for
+    comparison with the lowered form.
     """
     if dtype not in DTYPES:
         raise MaloraError(f"--dtype: {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -142,7 +144,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
     else:
         gm, example, dynamic, input_names, output_names = _capture_plain(model)
     if not base_only:
-        gm = _adapted(gm, run_dir, info, switchable)
+        gm = _adapted(gm, run_dir, info, switchable, lowered)
         gm.to(DTYPES[dtype])
     out_dir = Path(out_dir)
     meta = {
@@ -161,11 +163,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
     return out_dir
 
 
-def _adapted(gm: fx.GraphModule, run_dir, info: dict, switchable: bool) -> fx.GraphModule:
+def _adapted(gm: fx.GraphModule, run_dir, info: dict, switchable: bool, lowered: bool = True) -> fx.GraphModule:
     """transform → load the run's adapters → merge → lower (LoRA kept apart when switchable)."""
     gm = transform(gm, config_from_file(info))
     load_adapters(gm, run_dir)
-    return lower(gm, fold_lora=not switchable) if switchable else lower(merge(gm))
+    if switchable:
+        return lower(gm, fold_lora=False)
+    return lower(merge(gm)) if lowered else merge(gm)
 
 
 def adapter_parameters(gm: fx.GraphModule) -> dict[str, list[int]]:
