@@ -194,6 +194,19 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _add_quickstart(sub) -> None:
+    from .sources import DEFAULT_MODEL
+
+    p = sub.add_parser("quickstart", help="fetch, transform, train, merge, lower, export and run, on the default model",
+                       description="The whole pipeline once: a short multi-task training of the embedded default "
+                                   "model, exported to ONNX and run in onnxruntime, with a summary table.")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--method", default="malora")
+    p.set_defaults(func=cmd_quickstart)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="malora-fx", description="MALoRA adapters through graph passes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per graph pass")
@@ -208,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_import_peft(sub)
     _add_bench(sub)
+    _add_quickstart(sub)
     return parser
 
 
@@ -533,6 +547,16 @@ def _torch_variant(meta: dict):
     load_adapters(gm, meta["adapters"])
     set_adapters_training(gm, False)
     return torch_runner(gm, *cache_geometry(model.config), dtype=DTYPES[meta["dtype"]])
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import format_summary, run_quickstart
+
+    if args.steps < 1:
+        raise MaloraError(f"--steps: {args.steps} must be >= 1")
+    summary = run_quickstart(args.model, args.out, steps=args.steps, method=args.method)
+    print(format_summary(summary))
+    return 0
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:

