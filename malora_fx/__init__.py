@@ -10,7 +10,8 @@ Public API (a contract; see README.md for examples):
     trainable_parameters(gm)
     set_adapters_training(gm, training)
     save_adapters(gm, dir) / load_adapters(gm, dir)
-    merge(gm) / lower(gm)
+    merge(gm) / lower(gm) / export_onnx(gm, out_dir, example_kwargs)
+    export_run(run_dir, out_dir)   (a run directory's base model + adapters, with KV cache)
     load_model(source) / fetch(name)
 """
 
@@ -21,13 +22,14 @@ from .adapter_io import load_adapters, read_adapter_config, save_adapters
 from .capture import capture
 from .config import MALoRAConfig
 from .deploy import lower, merge
+from .onnx_export import export_onnx, export_run
 from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError, TargetError
 from .sources import fetch, load_model
 from .transform import adapter_layers, aux_loss, get_config, set_adapters_training, trainable_parameters, transform
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MALoRAConfig", "MaloraError", "ModelSourceError", "TargetError",
-    "adapter_layers", "aux_loss", "capture", "fetch", "get_config", "load_adapters", "load_model", "lower", "merge",
+    "adapter_layers", "aux_loss", "capture", "fetch", "get_config", "load_adapters", "load_model", "export_onnx", "export_run", "lower", "merge",
     "read_adapter_config", "save_adapters", "set_adapters_training", "trainable_parameters", "transform",
 ]
 __version__ = "0.1.0"

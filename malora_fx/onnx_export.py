@@ -159,7 +159,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
         layers, kv, head_dim = cache_geometry(model.config)
         meta.update(num_layers=layers, num_kv_heads=kv, head_dim=head_dim, vocab_size=int(model.config.vocab_size),
                     max_positions=int(getattr(model.config, "max_position_embeddings", 0) or 0))
-    _write_export(gm, example, dynamic, input_names, output_names, opset, out_dir, meta, loaded.tokenizer)
+    module = gm if decoder else _EncoderOutputs(gm, input_names, output_names)
+    _write_export(module, gm, example, dynamic, output_names, opset, out_dir, meta, loaded.tokenizer)
     return out_dir
 
 
@@ -170,6 +171,31 @@ def _adapted(gm: fx.GraphModule, run_dir, info: dict, switchable: bool, lowered:
     if switchable:
         return lower(gm, fold_lora=False)
     return lower(merge(gm)) if lowered else merge(gm)
+
+
+def export_onnx(gm: fx.GraphModule, out_dir: str | Path, example_kwargs: dict[str, Any], *, opset: int = 18,
+                tokenizer=None) -> Path:
+    """Export a captured or transformed GraphModule to ``out_dir/model.onnx``.
+
+    Adapters still in trainable form are merged and lowered first. Inputs are
+    named after ``example_kwargs`` (batch and sequence dynamic); outputs after
+    the fields of the model output (``logits``, ``last_hidden_state``, ...).
+
+    Example:
+        >>> export_onnx(gm, "exports/gm", {"input_ids": ids, "attention_mask": mask})
+    """
+    if opset < 18:
+        raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")
+    gm = lower(merge(gm))
+    out = gm(**example_kwargs)
+    names = list(out.keys()) if hasattr(out, "keys") else [f"output_{i}" for i in range(len(out))] \
+        if isinstance(out, (tuple, list)) else ["output"]
+    dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example_kwargs.items()}
+    meta = {"format": "malora-fx-export/1", "base_model": None, "method": None, "lowered": True, "dtype": "fp32",
+            "opset": opset, "kind": "graph", "inputs": list(example_kwargs), "outputs": names, "kv_cache": False,
+            "switchable": False, "adapter_parameters": {}}
+    _write_export(gm, gm, example_kwargs, dynamic, names, opset, Path(out_dir), meta, tokenizer)
+    return Path(out_dir)
 
 
 def adapter_parameters(gm: fx.GraphModule) -> dict[str, list[int]]:
@@ -240,13 +266,12 @@ class _EncoderOutputs(nn.Module):
         return tuple(getattr(out, name) for name in self.output_names)
 
 
-def _write_export(gm, example, dynamic, input_names, output_names, opset, out_dir: Path, meta, tokenizer) -> None:
+def _write_export(module: nn.Module, gm: nn.Module, example, dynamic, output_names, opset, out_dir: Path, meta,
+                  tokenizer) -> None:
+    """Export ``module`` (``gm`` or a wrapper of it) into a temporary directory, check it, rename it to ``out_dir``."""
     import onnx
 
-    if not meta["kv_cache"]:
-        module = _EncoderOutputs(gm, input_names, output_names)
-    else:
-        module = gm
+    input_names = meta["inputs"]
     for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
         sub.training = False
     out_dir.parent.mkdir(parents=True, exist_ok=True)

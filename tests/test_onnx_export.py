@@ -134,3 +134,18 @@ def test_adapter_for_another_export_is_rejected(tmp_path, capsys):
     code = main(["run", str(tmp_path / "served"), "--prompt", "x", "--adapter", str(tmp_path / "other.onnx_adapter")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "was made for another export" in err[-1]
+
+
+def test_export_onnx_of_a_transformed_graph(tmp_path):
+    import onnxruntime as ort
+
+    model, kwargs = tiny("tiny-gpt2")
+    gm = mf.transform(model, small_config("hydralora"), kwargs)
+    randomize_adapters(gm, seed=4)
+    with torch.no_grad():
+        expected = gm(**kwargs).logits.numpy()
+    out = mf.export_onnx(gm, tmp_path / "gm", kwargs)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {k: v.numpy() for k, v in kwargs.items()})
+    assert np.abs(logits - expected).max() <= 1e-4
+    assert not json.loads((out / "export.json").read_text())["kv_cache"]
