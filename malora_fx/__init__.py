@@ -15,8 +15,6 @@ Public API (a contract; see README.md for examples):
     load_model(source) / fetch(name)
 """
 
-import sys as _sys
-
 from . import passes as _passes  # noqa: F401  (malora_fx.passes is the top-level passes/ folder)
 from .adapter_io import load_adapters, read_adapter_config, save_adapters
 from .capture import capture

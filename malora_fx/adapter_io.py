@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from .config import MALoRAConfig
 from .errors import AdapterFileError
+from .fileio import atomic_write
 from .passes.insert_adapters import STATE_KEY, adapter_modules
 from .transform import get_config
 
@@ -70,8 +70,8 @@ def save_adapters(gm: nn.Module, directory: str | os.PathLike, base_model: str |
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config_dict(gm, base_model)
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(gm).items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": FORMAT}))
-    _atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG_FILE, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 
@@ -139,22 +139,3 @@ def _check_sites(directory, file_sites: dict[str, Any], model_sites: dict[str, A
             raise AdapterFileError(f"{directory}: site {fqn!r} is not adapted in the model")
         if dict(site) != model_sites[fqn]:
             raise AdapterFileError(f"{directory}: site {fqn!r} is {dict(site)} in the file, {model_sites[fqn]} in the model")
-
-
-def current_umask() -> int:
-    """The process umask (read without changing it for long)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .fileio import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +97,13 @@ def save_checkpoint(run_dir: str | Path, step: int, *, write_adapters, optimizer
         raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with atomic_directory(final, replace=False) as tmp:
         write_adapters(tmp)
         save_file(optimizer_tensors(optimizer), str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors(), str(tmp / "rng.safetensors"))
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in complete_checkpoints(run_dir, verify=False)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

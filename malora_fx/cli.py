@@ -14,13 +14,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .adapter_io import current_umask
+from .fileio import atomic_directory
 from .errors import MaloraError
 
 EXIT_USAGE = 2
@@ -304,7 +302,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
     summary = summarize(config, sites, gm.meta["malora_fx.base_parameters"], loaded.source)
     summary["out"] = None if out is None else str(out)
     if out is not None:
-        _write_dir_atomically(out, lambda tmp: save_adapters(gm, tmp, base_model=loaded.source))
+        with atomic_directory(out) as tmp:
+            save_adapters(gm, tmp, base_model=loaded.source)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -312,21 +311,6 @@ def cmd_transform(args: argparse.Namespace) -> int:
         if out is not None:
             print(f"\nwrote {out}/adapter_config.json and {out}/adapter_model.safetensors")
     return 0
-
-
-def _write_dir_atomically(out: Path, write) -> None:
-    """Write into a temporary sibling directory, then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~current_umask())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -496,7 +480,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import platform
 
-    from .bench import benchmark, format_table, ort_runner, torch_runner
+    from .bench import benchmark, format_table, ort_runner
     from .ort_runner import OrtGenerator, read_export
 
     meta = read_export(args.export_dir)

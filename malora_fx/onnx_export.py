@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from .capture import count_parameters, output_head_names
 from .deploy import lower, merge
 from .passes.lower_routing import LOWERED_ATTR
 from .errors import MaloraError
+from .fileio import atomic_directory
 from .sources import load_model
 from .transform import transform
 
@@ -274,9 +273,7 @@ def _write_export(module: nn.Module, gm: nn.Module, example, dynamic, output_nam
     input_names = meta["inputs"]
     for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
         sub.training = False
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         program = torch.onnx.export(module, (), kwargs=example, dynamic_shapes=dynamic, input_names=input_names,
                                     output_names=output_names, opset_version=opset, dynamo=True, verbose=False)
         size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
@@ -287,10 +284,3 @@ def _write_export(module: nn.Module, gm: nn.Module, example, dynamic, output_nam
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

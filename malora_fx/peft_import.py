@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from .adapter_io import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from .errors import AdapterFileError
+from .fileio import atomic_directory
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<fqn>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
 
@@ -62,18 +60,9 @@ def convert_peft(peft_dir: str | Path, out_dir: str | Path, base_model: str) -> 
         "targets": "re:" + "|".join(re.escape(f) for f in sites), "sites": sites,
         "imported_from": {"peft_dir": str(peft_dir.resolve()), "base_model_name_or_path": config.get("base_model_name_or_path")},
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(ours, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -20,7 +20,7 @@ import torch
 from .adapter_io import save_adapters
 from .bench import benchmark, ort_runner
 from .config import MALoRAConfig
-from .data import encode, read_jsonl
+from .data import read_jsonl
 from .evaluate import stop_token_ids
 from .onnx_export import export_run
 from .ort_runner import OrtGenerator

@@ -31,13 +31,12 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pycountry
 
-from .adapter_io import current_umask
+from .fileio import atomic_write
 from .errors import MaloraError
 
 Example = dict[str, str]
@@ -300,16 +299,8 @@ def make_suite(suite: str, *, train: int, eval: int, seed: int) -> tuple[list[Ex
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:
     """Write ``examples`` to a temporary file next to ``path`` and move it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for example in examples:
-                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_suite(suite: str, out_dir: str | os.PathLike[str], *, train: int, eval: int, seed: int) -> dict[str, Path]:

@@ -35,7 +35,7 @@ from malora_fx.folded import FoldedMixture, fold_mixture
 from malora_fx.layers import AdapterLayer, LoRALayer, MixtureLayer
 from malora_fx.sites import LinearSite, find_linear_sites
 
-from . import BasePass, PassResult, tag_node
+from . import BasePass, PassResult
 from .annotate_targets import ADAPTED_KEY
 from .insert_adapters import ADAPTERS_ATTR, adapter_key
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import malora_fx as mf
 from malora_fx.layers import (LAYER_CLASSES, load_balancing_loss, make_layer, random_expert_bases, route,
                               site_generator)
 from malora_fx.accounting import site_parameters
