@@ -354,24 +354,9 @@ def _limit(examples, limit):
     return kept
 
 
-def load_run(run_dir: str, example_kwargs=None):
-    """(transformed GraphModule with the run's adapters, loaded base model) of a run directory."""
-    from .adapter_io import config_from_file, load_adapters, read_adapter_config
-    from .sources import load_model
-    from .transform import set_adapters_training, transform
-
-    data = read_adapter_config(run_dir)
-    loaded = load_model(data["base_model"])
-    if loaded.tokenizer is None:
-        raise MaloraError(f"base model {data['base_model']!r} has no tokenizer")
-    gm = transform(loaded.model, config_from_file(data), example_kwargs)
-    load_adapters(gm, run_dir)
-    set_adapters_training(gm, False)
-    return gm, loaded
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import read_jsonl
+    from .runs import load_run
     from .evaluate import evaluate
 
     examples = _limit(read_jsonl(args.data), args.limit)
@@ -406,6 +391,7 @@ def print_eval_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .data import read_jsonl
+    from .runs import load_run
     from .routing_report import expert_load, plot_expert_load
 
     examples = _limit(read_jsonl(args.data), args.limit)

@@ -24,6 +24,7 @@ from .data import read_jsonl
 from .evaluate import stop_token_ids
 from .onnx_export import export_run
 from .ort_runner import OrtGenerator
+from .runs import load_run
 from .sources import load_model
 from .tasks import check_answer, write_suite
 from .training import TrainArgs, train
@@ -96,8 +97,6 @@ def _generate(gen: OrtGenerator, prompt: str) -> str:
 
 @torch.no_grad()
 def _parity(run_dir: Path, gen: OrtGenerator, prompts: list[str]) -> float:
-    from .cli import load_run
-
     gm, loaded = load_run(str(run_dir))
     worst = 0.0
     for prompt in prompts:

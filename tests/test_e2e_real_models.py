@@ -98,7 +98,7 @@ def test_minilm_encoder_equals_base_at_init():
 
 
 def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
-    from malora_fx.cli import load_run
+    from malora_fx.runs import load_run
     from malora_fx.evaluate import greedy_generate
     from malora_fx.onnx_export import export_run
     from malora_fx.ort_runner import OrtGenerator

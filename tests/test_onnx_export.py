@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import malora_fx as mf
-from malora_fx.cli import load_run, main
+from malora_fx.cli import main
+from malora_fx.runs import load_run
 from malora_fx.evaluate import greedy_generate
 from malora_fx.onnx_export import export_run
 from malora_fx.ort_runner import OrtGenerator

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from malora_fx.cli import load_run, main
+from malora_fx.cli import main
+from malora_fx.runs import load_run
 from malora_fx.onnx_export import export_run
 from malora_fx.ort_runner import OrtGenerator
 from malora_fx.sources import tiny_model
