@@ -58,6 +58,7 @@ class OrtGenerator:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # overridable adapter initializers are intended; keep ORT quiet about them
         self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=[self.provider])
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         self.dtype = _NP_DTYPES[self.meta["dtype"]]
         self._loaded_adapters: dict[str, object] = {}
@@ -117,8 +118,7 @@ class OrtGenerator:
             outputs = self.session.run(None, feeds, options)
         except Exception as exc:  # onnxruntime raises its own types; surface them as one line
             raise MaloraError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
-        names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outputs))
+        result = dict(zip(self.output_names, outputs))
         new_past = {name.replace("present.", "past_key_values.", 1): value
                     for name, value in result.items() if name.startswith("present.")}
         return result["logits"], new_past
