@@ -150,3 +150,25 @@ def test_export_onnx_of_a_transformed_graph(tmp_path):
     (logits,) = session.run(["logits"], {k: v.numpy() for k, v in kwargs.items()})
     assert np.abs(logits - expected).max() <= 1e-4
     assert not json.loads((out / "export.json").read_text())["kv_cache"]
+
+
+def test_fp16_and_no_cache_exports(tmp_path):
+    import onnxruntime as ort
+
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    gm, _ = load_run(str(run))
+    ids = np.random.default_rng(5).integers(0, 258, size=(1, 6))
+    with torch.no_grad():
+        ref = gm(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, 6, dtype=torch.long)).logits.numpy()
+
+    half = OrtGenerator(export_run(run, tmp_path / "fp16", dtype="fp16"), "cpu")
+    logits, past = half.step(ids, np.ones_like(ids), np.arange(6)[None], half.empty_past(1))
+    assert logits.dtype == np.float16 and past["past_key_values.0.key"].dtype == np.float16
+    assert np.abs(logits.astype(np.float32) - ref).max() <= 1e-2  # half precision
+
+    out = export_run(run, tmp_path / "nocache", cache=False)
+    meta = json.loads((out / "export.json").read_text())
+    assert (meta["inputs"], meta["outputs"], meta["kv_cache"]) == (["input_ids", "attention_mask"], ["logits"], False)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (plain,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert np.abs(plain - ref).max() <= 1e-4
