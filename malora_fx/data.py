@@ -198,6 +198,11 @@ def plan_batches(encoded: Sequence[Encoded], *, batch_size: int, num_batches: in
     return batches
 
 
+def pad_id(tokenizer) -> int:
+    """The padding token id: the tokenizer's pad token, else its eos token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding)."""
     width = max(len(e.input_ids) for e in items)

@@ -17,24 +17,17 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, Encoded, Example, collate, encode
+from .data import IGNORE, Encoded, Example, collate, encode, pad_id
 from .tasks import check_answer
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _by_task(examples: Sequence[Example]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(e.task, []).append(i)
-    return dict(sorted(groups.items()))
 
 
 @torch.no_grad()
 def task_losses(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], max_length: int, batch_size: int,
                 device: str = "cpu") -> dict[str, dict[str, float]]:
     """Mean cross-entropy over response tokens, per task: ``{task: {"loss", "tokens"}}``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     encoded = [encode(e, tokenizer, max_length) for e in examples]
     sums: dict[str, list[float]] = {}
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -97,7 +90,7 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], *, ma
 def exact_match(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, max_length: int, batch_size: int,
                 max_new_tokens: int | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Greedy-decode each prompt and compare with the response: ``{task: {"exact_match", "n"}}``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     encoded: list[Encoded] = [encode(e, tokenizer, max_length) for e in examples]
     if max_new_tokens is None:
         max_new_tokens = max(len(e.input_ids) - e.prompt_length for e in encoded) + 2

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .data import Example, collate, encode
+from .data import Example, collate, encode, pad_id
 from .layers import MixtureLayer
 from .transform import adapter_layers, set_adapters_training
 
@@ -28,7 +28,7 @@ def expert_load(gm, tokenizer, examples: Sequence[Example], *, max_length: int =
     if not layers:
         raise ValueError("the adapters have no router (method 'lora'); there is no expert load to show")
     set_adapters_training(gm, False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     sums: dict[str, dict[str, torch.Tensor]] = {}
     counts: dict[str, float] = {}
     by_task: dict[str, list[Example]] = {}

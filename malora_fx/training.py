@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .adapter_io import config_from_file, load_adapters, read_adapter_config, save_adapters
 from .checkpoint import (complete_checkpoints, latest_checkpoint, load_optimizer_tensors, read_checkpoint,
                          restore_rng, save_checkpoint)
-from .data import IGNORE, Encoded, collate, encode_all, parse_sampling, plan_batches, read_jsonl
+from .data import IGNORE, Encoded, collate, encode_all, pad_id, parse_sampling, plan_batches, read_jsonl
 from .errors import MaloraError
 from .sources import load_model
 from .transform import aux_loss, set_adapters_training, trainable_parameters, transform
@@ -227,7 +227,7 @@ class Trainer:
         if loaded.tokenizer is None:
             raise MaloraError(f"base model {self.adapter_file['base_model']!r} has no tokenizer; cannot train on text")
         self.tokenizer = loaded.tokenizer
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_id(self.tokenizer)
         self.encoded, truncated = encode_all(self.examples, self.tokenizer, args.max_length)
         if truncated:
             self.say(f"{truncated} of {len(self.encoded)} examples longer than --max-length {args.max_length} were truncated")
