@@ -22,16 +22,20 @@ def merge(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def lower(gm: fx.GraphModule, *, fold_lora: bool = True) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, *, fold_lora: bool = True, fuse: bool = False) -> fx.GraphModule:
     """Replace routed adapters by static ops (MatMul, Softmax, TopK, Scatter,
     Mul); merges first if needed. The result has no adapter modules and no
     data-dependent shapes, ready for ``torch.export`` / ONNX. With
     ``fold_lora=False`` LoRA sites stay separate matmuls instead of being folded
     into the base weights, so every adapter tensor remains its own buffer
-    (``gm.malora_lowered``), overridable after export.
+    (``gm.malora_lowered``), overridable after export. ``fuse=True`` then
+    concatenates the projections that read the same input as a lowered adapter
+    — the base weights, routers and shared down-projections of q/k/v, of
+    gate/up, of down — into one GEMM each (``passes/fuse_projections.py``);
+    groups without an adapter, and switchable adapter tensors, stay apart.
 
     Example:
-        >>> gm = malora_fx.lower(malora_fx.merge(gm))
+        >>> gm = malora_fx.lower(malora_fx.merge(gm), fuse=True)
     """
-    run_passes(gm, lower_pipeline(fold_lora))
+    run_passes(gm, lower_pipeline(fold_lora, fuse))
     return gm

@@ -16,7 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from torch import fx
+import torch
+from torch import fx, nn
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,48 @@ def tag_node(node: fx.Node, source: fx.Node, pass_name: str) -> None:
     node.meta[PASS_TAG] = pass_name
 
 
+def fake_mode_of(node: fx.Node):
+    """The FakeTensorMode of ``node``'s ``meta["val"]`` (export-captured graphs), else None."""
+    return getattr(node.meta.get("val"), "fake_mode", None)
+
+
+def emit(graph: fx.Graph, target, args: tuple, source: fx.Node, pass_name: str, fake_mode=None) -> fx.Node:
+    """Insert ``call_function(target, args)`` at the graph's insertion point, tagged
+    after ``source``; ``meta["val"]`` is recomputed from the inputs' fake values
+    when ``fake_mode`` is given and every input node has one."""
+    node = graph.call_function(target, args)
+    tag_node(node, source, pass_name)
+    node.meta.pop("val", None)
+    node.meta.pop("tensor_meta", None)
+    if fake_mode is not None:
+        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+        if not any(isinstance(a, fx.Node) and v is None for a, v in zip(args, vals)):
+            with fake_mode:
+                node.meta["val"] = target(*vals)
+    return node
+
+
+def attach_buffer(gm: fx.GraphModule, container_attr: str, name: str, tensor: torch.Tensor,
+                  fake_mode=None) -> fx.Node:
+    """Store ``tensor`` (a contiguous copy) as buffer ``gm.<container_attr>.<name>``
+    and return a ``get_attr`` node for it at the graph's insertion point."""
+    container = getattr(gm, container_attr, None)
+    if container is None:
+        container = nn.Module()
+        gm.add_submodule(container_attr, container)
+    container.register_buffer(name, tensor.detach().contiguous().clone())
+    return read_attr(gm, f"{container_attr}.{name}", fake_mode)
+
+
+def read_attr(gm: fx.GraphModule, target: str, fake_mode=None) -> fx.Node:
+    """A ``get_attr`` node for the existing tensor ``target`` at the graph's insertion point."""
+    node = gm.graph.get_attr(target)
+    if fake_mode is not None:
+        owner, _, attr = target.rpartition(".")
+        node.meta["val"] = fake_mode.from_tensor(getattr(gm.get_submodule(owner), attr))
+    return node
+
+
 def cleanup(gm: fx.GraphModule) -> None:
     """Dead-code elimination, lint, recompile (Torch-TensorRT's cleanup)."""
     gm.graph.eliminate_dead_code()
@@ -101,12 +144,20 @@ def merge_pipeline() -> list[GraphPass]:
     return [FoldAdapters()]
 
 
-def lower_pipeline(fold_lora: bool = True) -> list[GraphPass]:
-    """Trained or merged graph → static graph: fold (if not yet), then lower the routing.
+def lower_pipeline(fold_lora: bool = True, fuse: bool = False) -> list[GraphPass]:
+    """Trained or merged graph → static graph: fold (if not yet), lower the routing,
+    and (``fuse``) concatenate the projections that read the same input as a
+    lowered adapter into one GEMM (base-only groups are left alone).
 
-    ``fold_lora=False`` keeps LoRA updates out of the base weights (switchable exports).
+    ``fold_lora=False`` keeps LoRA updates out of the base weights (switchable
+    exports); the adapter tensors then stay unfused, so nothing is fused there.
     """
     from .fold_adapters import FoldAdapters
-    from .lower_routing import LowerRouting
+    from .fuse_projections import FuseProjections
+    from .lower_routing import LOWERED_ATTR, LowerRouting
 
-    return [FoldAdapters(fold_lora), LowerRouting()]
+    passes: list[GraphPass] = [FoldAdapters(fold_lora), LowerRouting()]
+    if fuse:
+        adapters = (f"{LOWERED_ATTR}.",)
+        passes.append(FuseProjections(keep_separate=() if fold_lora else adapters, only_groups_reading=adapters))
+    return passes

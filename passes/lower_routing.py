@@ -10,18 +10,25 @@ Produces (DESIGN §3), with the weights as buffers under ``gm.malora_lowered``::
     logits = x @ W_gᵀ                             # [..., N]
     probs  = softmax(logits, -1)
     v, i   = topk(probs, k)                       # (v / sum(v) when normalize_top_k)
-    g      = scatter(zeros_like(probs), -1, i, v) # top-k mask, zeros elsewhere
+    g      = scatter(probs * 0, -1, i, v)         # top-k gates, zeros elsewhere
     z      = x @ Dᵀ                               # shared down-projection (if any)
-    h      = unflatten(z @ E_catᵀ, (N, r))        # per-expert down (if any), else z per expert
-    y      = flatten(h * g[..., None]) @ U_catᵀ   # U_cat ∈ [m, N·r]
+    h      = z @ E_catᵀ                           # [..., N·r] per-expert down (if any), else z @ repeat
+    y      = (h * (g @ spread)) @ U_catᵀ          # U_cat ∈ [m, N·r]
 
-Weights are stored transposed (``[in, out]``) and multiplied with ``matmul``,
-so each becomes one named ONNX initializer (``malora_lowered.<site>__<name>``)
-that a runtime can override.
+``spread`` ([N, N·r], 0/1) repeats each expert's gate over its r columns and
+``repeat`` ([r, N·r]) writes z once per expert; these constants are shared by
+all sites of a shape under ``gm.malora_constants``. Matmuls by them replace
+the unsqueeze/reshape chain of the einsum: fewer ONNX nodes per site (11
+instead of 14) and no shape computations, which is what a decode step pays
+for (measured with ``tools/bench_fusion.py``).
 
-All aten ops that map to ONNX (MatMul/Gemm, Softmax, TopK, ScatterElements,
-Mul, Reshape, Unsqueeze, ReduceSum, Div); no adapter module, no
-data-dependent shape, no ``nonzero`` token gathering.
+Adapter weights are stored transposed (``[in, out]``) and multiplied with
+``matmul``, so each becomes one named ONNX initializer
+(``malora_lowered.<site>__<name>``) that a runtime can override.
+
+Only aten ops that map to ONNX (MatMul, Softmax, TopK, ScatterElements, Mul,
+ReduceSum, Div; ``LOWERED_OPS``); no adapter module, no data-dependent shape,
+no ``nonzero`` token gathering.
 
 Why exact: masked experts get gate 0, so ``Σ_t g_t U_t h_t`` over all N equals
 the sum over the chosen k; ``U_cat (g ⊗ h)`` is that sum written as one GEMM.
@@ -35,23 +42,23 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from malora_fx.folded import FoldedMixture
 from malora_fx.layers import LoRALayer
 
-from . import BasePass, PassResult, tag_node
+from . import BasePass, PassResult, attach_buffer, emit, fake_mode_of, read_attr
 from .fold_adapters import FOLDED_ATTR
 from .insert_adapters import ADAPTERS_ATTR
 
 LOWERED_ATTR = "malora_lowered"
+CONSTANTS_ATTR = "malora_constants"
 aten = torch.ops.aten
 
 # Every call_function target a lowered adapter may add.
 LOWERED_OPS = frozenset({
-    aten.matmul.default, aten.softmax.int, aten.topk.default, operator.getitem, aten.zeros_like.default,
-    aten.scatter.src, aten.unsqueeze.default, aten.mul.Tensor, aten.flatten.using_ints, aten.unflatten.int,
-    aten.sum.dim_IntList, aten.div.Tensor, aten.add.Tensor,
+    aten.matmul.default, aten.softmax.int, aten.topk.default, operator.getitem, aten.scatter.src, aten.mul.Tensor,
+    aten.sum.dim_IntList, aten.div.Tensor,
 })
 
 
@@ -83,28 +90,28 @@ class _Lowering:
         self.gm, self.call, self.folded = gm, call, folded
         self.graph = gm.graph
         self.prefix = call.target.rsplit(".", 1)[-1]
-        val = call.args[0].meta.get("val")
-        self.fake_mode = getattr(val, "fake_mode", None)
+        self.fake_mode = fake_mode_of(call.args[0])
 
     def run(self) -> None:
         f = self.folded
         x = self.call.args[0]
+        n, r = f.num_experts, f.expert_rank
         with self.graph.inserting_before(self.call):
             probs = self.op(aten.softmax.int, self.matmul(x, "router", f.router), -1)
             top = self.op(aten.topk.default, probs, f.top_k, -1)
             values, indices = self.op(operator.getitem, top, 0), self.op(operator.getitem, top, 1)
             if f.normalize_top_k:
                 values = self.op(aten.div.Tensor, values, self.op(aten.sum.dim_IntList, values, [-1], True))
-            gates = self.op(aten.scatter.src, self.op(aten.zeros_like.default, probs), -1, indices, values)
+            zeros = self.op(aten.mul.Tensor, probs, 0.0)  # one Mul; zeros_like exports as Shape + Expand
+            gates = self.op(aten.scatter.src, zeros, -1, indices, values)
+            spread = self.op(aten.matmul.default, gates, self.constant(f"spread_{n}x{r}", _spread(n, r)))
             z = x if f.down is None else self.matmul(x, "down", f.down)
-            if f.expert_down is None:
-                h = self.op(aten.unsqueeze.default, z, -2)  # [..., 1, k]: the same input for every expert
+            if f.expert_down is None:  # every expert reads z itself: repeat it N times
+                h = self.op(aten.matmul.default, z, self.constant(f"repeat_{r}x{n}", _repeat(n, r)))
             else:
-                flat = self.matmul(z, "expert_down", f.expert_down.flatten(0, 1))
-                h = self.op(aten.unflatten.int, flat, -1, [f.num_experts, f.expert_rank])
-            gated = self.op(aten.mul.Tensor, h, self.op(aten.unsqueeze.default, gates, -1))
+                h = self.matmul(z, "expert_down", f.expert_down.flatten(0, 1))
             up = f.up.permute(1, 0, 2).reshape(f.up.shape[1], -1)
-            out = self.matmul(self.op(aten.flatten.using_ints, gated, -2, -1), "up", up)
+            out = self.matmul(self.op(aten.mul.Tensor, h, spread), "up", up)
         self.call.replace_all_uses_with(out)
         self.graph.erase_node(self.call)
 
@@ -123,31 +130,23 @@ class _Lowering:
         return self.op(aten.matmul.default, x, self.weight(name, weight.T))
 
     def weight(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        container = getattr(self.gm, LOWERED_ATTR, None)
-        if container is None:
-            container = nn.Module()
-            self.gm.add_submodule(LOWERED_ATTR, container)
-        attr = f"{self.prefix}__{name}"
-        container.register_buffer(attr, tensor.detach().contiguous().clone())
-        node = self.graph.get_attr(f"{LOWERED_ATTR}.{attr}")
-        if self.fake_mode is not None:
-            node.meta["val"] = self.fake_mode.from_tensor(getattr(container, attr))
-        return node
+        return attach_buffer(self.gm, LOWERED_ATTR, f"{self.prefix}__{name}", tensor, self.fake_mode)
+
+    def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A fixed 0/1 matrix shared by every site of its shape (not an adapter tensor)."""
+        if hasattr(getattr(self.gm, CONSTANTS_ATTR, None), name):
+            return read_attr(self.gm, f"{CONSTANTS_ATTR}.{name}", self.fake_mode)
+        return attach_buffer(self.gm, CONSTANTS_ATTR, name, tensor.to(self.folded.up.dtype), self.fake_mode)
 
     def op(self, target, *args) -> fx.Node:
-        node = self.graph.call_function(target, args)
-        tag_node(node, self.call, LowerRouting.name)
-        node.meta.pop("val", None)
-        node.meta.pop("tensor_meta", None)
-        self._propagate_val(node, target, args)
-        return node
+        return emit(self.graph, target, args, self.call, LowerRouting.name, self.fake_mode)
 
-    def _propagate_val(self, node: fx.Node, target, args) -> None:
-        """``meta["val"]`` of a new node from its inputs' fake values, when they have them."""
-        if self.fake_mode is None:
-            return
-        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-        if any(isinstance(a, fx.Node) and v is None for a, v in zip(args, vals)):
-            return
-        with self.fake_mode:
-            node.meta["val"] = target(*vals)
+
+def _spread(num_experts: int, rank: int) -> torch.Tensor:
+    """``[N, N·r]`` 0/1 matrix: ``g @ spread`` repeats each expert's gate over its r columns."""
+    return torch.kron(torch.eye(num_experts), torch.ones(1, rank))
+
+
+def _repeat(num_experts: int, rank: int) -> torch.Tensor:
+    """``[r, N·r]`` 0/1 matrix: ``z @ repeat`` is z written once for each of the N experts."""
+    return torch.eye(rank).repeat(1, num_experts)
