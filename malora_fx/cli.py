@@ -147,6 +147,9 @@ def _add_export(sub) -> None:
                    help="keep adapter tensors as overridable inputs, so .onnx_adapter files can be swapped per run")
     p.add_argument("--adapter-only", action="store_true",
                    help="write only the adapters, as an onnxruntime .onnx_adapter file (--out FILE)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep each adapter's router and down-projection GEMMs apart from the base GEMMs "
+                        "(fused by default: faster on onnxruntime CPU, see tools/bench_fusion.py)")
     p.set_defaults(func=cmd_export)
 
 
@@ -430,7 +433,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {export_adapter(args.run_dir, args.out, dtype=args.dtype)}")
         return 0
     out = export_run(args.run_dir, args.out, dtype=args.dtype, opset=args.opset, cache=not args.no_cache,
-                     base_only=args.base_only, switchable=args.switchable)
+                     base_only=args.base_only, switchable=args.switchable, fuse=not args.no_fuse)
     meta = json.loads((out / "export.json").read_text())
     print(f"wrote {out}/model.onnx ({meta['kind']}, {meta['dtype']}, opset {meta['opset']}, "
           f"{'with' if meta['kv_cache'] else 'without'} KV cache); inputs: {', '.join(meta['inputs'][:5])}"

@@ -29,6 +29,7 @@ from torch.export import Dim
 from .adapter_io import config_from_file, load_adapters, read_adapter_config
 from .capture import count_parameters, output_head_names
 from .deploy import lower, merge
+from .passes.fuse_projections import FUSED_ATTR
 from .passes.lower_routing import LOWERED_ATTR
 from .errors import MaloraError
 from .fileio import atomic_directory
@@ -41,6 +42,7 @@ EXPORT_JSON = "export.json"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PREFIX = "lm."
+EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger models keep their tensors in model.onnx.data
 
 
 class DecoderWithCache(nn.Module):
@@ -117,7 +119,7 @@ def is_decoder(model: nn.Module) -> bool:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", opset: int = 18, cache: bool = True,
-               base_only: bool = False, switchable: bool = False, lowered: bool = True) -> Path:
+               base_only: bool = False, switchable: bool = False, lowered: bool = True, fuse: bool = True) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
 
     Writes ``model.onnx`` (external data when over 2 GB), the tokenizer files
@@ -126,7 +128,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
     graph inputs with initializers, so an ``.onnx_adapter`` file of another run
     of the same shape can replace them per request. ``lowered=False`` exports the
     merged graph as is (routed adapters traced through their module code), for
-    comparison with the lowered form.
+    comparison with the lowered form. ``fuse`` concatenates each adapter's
+    router and shared down-projection with the base GEMMs reading the same
+    input (:func:`malora_fx.lower`); base-only and switchable exports have
+    nothing it fuses.
     """
     if dtype not in DTYPES:
         raise MaloraError(f"--dtype: {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -143,40 +148,65 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
     else:
         gm, example, dynamic, input_names, output_names = _capture_plain(model)
     if not base_only:
-        gm = _adapted(gm, run_dir, info, switchable, lowered)
-        gm.to(DTYPES[dtype])
+        gm = _adapted(gm, run_dir, info, switchable, lowered, fuse)
+    gm.to(DTYPES[dtype])
     out_dir = Path(out_dir)
     meta = {
         "format": "malora-fx-export/1", "base_model": info["base_model"], "method": None if base_only else info["method"],
         "adapters": None if base_only else str(Path(run_dir).resolve()), "dtype": dtype, "opset": opset,
         "kind": "decoder" if decoder else ("causal-lm" if hasattr(model, "lm_head") else "encoder"),
         "inputs": input_names, "outputs": output_names, "kv_cache": decoder,
-        "switchable": bool(switchable and not base_only),
+        "switchable": bool(switchable and not base_only), "fused": hasattr(gm, FUSED_ATTR),
         "adapter_parameters": adapter_parameters(gm) if switchable and not base_only else {},
     }
     if decoder:
-        layers, kv, head_dim = cache_geometry(model.config)
-        meta.update(num_layers=layers, num_kv_heads=kv, head_dim=head_dim, vocab_size=int(model.config.vocab_size),
-                    max_positions=int(getattr(model.config, "max_position_embeddings", 0) or 0))
+        meta.update(decoder_meta(model.config))
     module = gm if decoder else _EncoderOutputs(gm, input_names, output_names)
     _write_export(module, gm, example, dynamic, output_names, opset, out_dir, meta, loaded.tokenizer)
     return out_dir
 
 
-def _adapted(gm: fx.GraphModule, run_dir, info: dict, switchable: bool, lowered: bool = True) -> fx.GraphModule:
-    """transform → load the run's adapters → merge → lower (LoRA kept apart when switchable)."""
+def decoder_meta(config) -> dict[str, int]:
+    """The export.json entries a runner needs to build a decoder's KV cache."""
+    layers, kv, head_dim = cache_geometry(config)
+    return dict(num_layers=layers, num_kv_heads=kv, head_dim=head_dim, vocab_size=int(config.vocab_size),
+                max_positions=int(getattr(config, "max_position_embeddings", 0) or 0))
+
+
+def export_decoder_graph(gm: fx.GraphModule, example: dict[str, Any], config, out_dir: str | Path, *,
+                         opset: int = 18, tokenizer=None, **meta) -> Path:
+    """Export a decoder graph from :func:`capture_decoder` — adapted, merged,
+    lowered or fused as the caller chose — with the KV-cache names of this
+    module; ``meta`` entries override the export.json defaults.
+
+    Example:
+        >>> gm, example = capture_decoder(model)
+        >>> export_decoder_graph(malora_fx.lower(gm, fuse=True), example, model.config, "exp", tokenizer=tok)
+    """
+    inputs, outputs = decoder_names(cache_geometry(config)[0])
+    full = {"format": "malora-fx-export/1", "base_model": None, "method": None, "adapters": None, "dtype": "fp32",
+            "opset": opset, "kind": "decoder", "inputs": inputs, "outputs": outputs, "kv_cache": True,
+            "switchable": False, "fused": False, "adapter_parameters": {}, **decoder_meta(config), **meta}
+    _write_export(gm, gm, example, decoder_dynamic_shapes(example), outputs, opset, Path(out_dir), full, tokenizer)
+    return Path(out_dir)
+
+
+def _adapted(gm: fx.GraphModule, run_dir, info: dict, switchable: bool, lowered: bool = True,
+             fuse: bool = True) -> fx.GraphModule:
+    """transform → load the run's adapters → merge → lower (LoRA kept apart when switchable) → fuse."""
     gm = transform(gm, config_from_file(info))
     load_adapters(gm, run_dir)
     if switchable:
-        return lower(gm, fold_lora=False)
-    return lower(merge(gm)) if lowered else merge(gm)
+        return lower(gm, fold_lora=False, fuse=fuse)
+    return lower(merge(gm), fuse=fuse) if lowered else merge(gm)
 
 
 def export_onnx(gm: fx.GraphModule, out_dir: str | Path, example_kwargs: dict[str, Any], *, opset: int = 18,
-                tokenizer=None) -> Path:
+                tokenizer=None, fuse: bool = True) -> Path:
     """Export a captured or transformed GraphModule to ``out_dir/model.onnx``.
 
-    Adapters still in trainable form are merged and lowered first. Inputs are
+    Adapters still in trainable form are merged and lowered first (``fuse``: as
+    :func:`malora_fx.lower`). Inputs are
     named after ``example_kwargs`` (batch and sequence dynamic); outputs after
     the fields of the model output (``logits``, ``last_hidden_state``, ...).
 
@@ -185,14 +215,14 @@ def export_onnx(gm: fx.GraphModule, out_dir: str | Path, example_kwargs: dict[st
     """
     if opset < 18:
         raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")
-    gm = lower(merge(gm))
+    gm = lower(merge(gm), fuse=fuse)
     out = gm(**example_kwargs)
     names = list(out.keys()) if hasattr(out, "keys") else [f"output_{i}" for i in range(len(out))] \
         if isinstance(out, (tuple, list)) else ["output"]
     dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example_kwargs.items()}
     meta = {"format": "malora-fx-export/1", "base_model": None, "method": None, "lowered": True, "dtype": "fp32",
             "opset": opset, "kind": "graph", "inputs": list(example_kwargs), "outputs": names, "kv_cache": False,
-            "switchable": False, "adapter_parameters": {}}
+            "switchable": False, "fused": hasattr(gm, FUSED_ATTR), "adapter_parameters": {}}
     _write_export(gm, gm, example_kwargs, dynamic, names, opset, Path(out_dir), meta, tokenizer)
     return Path(out_dir)
 
@@ -277,7 +307,7 @@ def _write_export(module: nn.Module, gm: nn.Module, example, dynamic, output_nam
         program = torch.onnx.export(module, (), kwargs=example, dynamic_shapes=dynamic, input_names=input_names,
                                     output_names=output_names, opset_version=opset, dynamo=True, verbose=False)
         size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
-        program.save(str(tmp / MODEL_FILE), external_data=size > 2 * 1024**3)
+        program.save(str(tmp / MODEL_FILE), external_data=size > EXTERNAL_DATA_BYTES)
         if meta["switchable"]:
             make_initializers_overridable(tmp / MODEL_FILE, set(meta["adapter_parameters"]))
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)

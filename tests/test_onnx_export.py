@@ -172,3 +172,41 @@ def test_fp16_and_no_cache_exports(tmp_path):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     (plain,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     assert np.abs(plain - ref).max() <= 1e-4
+
+
+def test_external_data_above_the_size_limit(tmp_path, monkeypatch):
+    from malora_fx import onnx_export
+
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the model were over 2 GB
+    out = export_run(run, tmp_path / "big")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    external = [i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [i for i in graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+    assert external and max(len(i.raw_data) for i in inline) <= 1024  # every weight lives in the data file
+    files = {e.value for i in external for e in i.external_data if e.key == "location"}
+    assert all((out / f).is_file() for f in files)
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
+    gen = OrtGenerator(out, "cpu")
+    gm, _ = load_run(str(run))
+    ids = np.random.default_rng(6).integers(0, 258, size=(1, 5))
+    with torch.no_grad():
+        ref = gm(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, 5, dtype=torch.long)).logits.numpy()
+    assert np.abs(_logits(gen, ids) - ref).max() <= 1e-4
+
+
+def test_lowering_and_fusion_node_counts(tmp_path):
+    """11 ONNX nodes per routed site; fusion turns each layer's 9 + 6 + 3 projections into 3 GEMMs."""
+    six = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
+    run = make_run(tmp_path / "run", "tiny-llama", "malora", targets=six)
+    layers = tiny("tiny-llama")[0].config.num_hidden_layers
+    graphs = {name: onnx.load(str(export_run(run, tmp_path / name, **options) / "model.onnx"))
+              for name, options in [("base", {"base_only": True}), ("unfused", {"fuse": False}), ("fused", {})]}
+    count = {name: len(g.graph.node) for name, g in graphs.items()}
+    matmuls = {name: sum(n.op_type == "MatMul" for n in g.graph.node) for name, g in graphs.items()}
+    assert count["unfused"] - count["base"] == 11 * 6 * layers
+    assert matmuls["unfused"] - matmuls["fused"] == (8 + 5 + 2) * layers
+    assert json.loads((tmp_path / "fused" / "export.json").read_text())["fused"] is True
+    ids = np.random.default_rng(7).integers(0, 258, size=(2, 5))
+    fused, unfused = (_logits(OrtGenerator(tmp_path / n, "cpu"), ids) for n in ("fused", "unfused"))
+    assert np.abs(fused - unfused).max() <= 1e-5 * max(np.abs(unfused).max(), 1.0)
