@@ -72,11 +72,17 @@ def time_once(run: Runner, batch: int, seq: int, new_tokens: int, vocab: int) ->
 
 
 def benchmark(variants: dict[str, Runner], *, batch: int = 1, seq: int = 128, new_tokens: int = 32,
-              repeats: int = 5, warmup: int = 1, vocab: int = 1000) -> dict[str, Timing]:
-    """Alternate the variants ``warmup + repeats`` times; keep the last ``repeats``."""
+              repeats: int = 5, warmup: int = 1, vocab: int = 1000, pause_s: float = 0.5) -> dict[str, Timing]:
+    """Alternate the variants ``warmup + repeats`` times; keep the last ``repeats``.
+
+    Each timing starts ``pause_s`` after the previous one ended: onnxruntime's
+    and OpenMP's worker threads spin for a while after a run and would steal
+    the cores from the next variant (measured: +20 ms on a 140 ms prefill).
+    """
     timings = {name: Timing([], []) for name in variants}
     for round_ in range(warmup + repeats):
         for name, run in variants.items():
+            time.sleep(pause_s)
             prefill, decode = time_once(run, batch, seq, new_tokens, vocab)
             if round_ >= warmup:
                 timings[name].prefill_s.append(prefill)

@@ -22,7 +22,9 @@ The adapters get random values (B included), so every routed path computes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import platform
 import tempfile
 import time
@@ -72,15 +74,31 @@ def export_variants(args, work: Path, tokenizer, model) -> dict[str, Path]:
     config = mf.MALoRAConfig(method=args.method, targets=args.targets)
     out = {}
     for name, adapted, fuse in VARIANTS:
+        out[name] = work / name.replace(" ", "-")
+        if _made_with(out[name]) == _options(args):
+            print(f"reusing {out[name]}", flush=True)
+            continue
+        shutil.rmtree(out[name], ignore_errors=True)
         start = time.perf_counter()
         gm, example = adapted_graph(model, config, args.seed) if adapted else capture_decoder(model)
         gm = mf.lower(mf.merge(gm), fuse=fuse == "default")
         if fuse == "all":  # q/k/v and gate/up of the base too, which lower(fuse=True) leaves alone
             run_passes(gm, [FuseProjections()])
-        out[name] = export_decoder_graph(gm, example, model.config, work / name.replace(" ", "-"),
-                                         tokenizer=tokenizer, fused=fuse is not None)
+        export_decoder_graph(gm, example, model.config, out[name], tokenizer=tokenizer, fused=fuse is not None,
+                             bench_fusion=_options(args))
         print(f"exported {name} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
+
+
+def _options(args) -> dict:
+    """What an export in --workdir depends on: reused only when these match."""
+    return {"model": args.model, "layers": args.layers, "targets": args.targets, "method": args.method,
+            "seed": args.seed}
+
+
+def _made_with(export_dir: Path) -> dict | None:
+    meta = export_dir / "export.json"
+    return json.loads(meta.read_text()).get("bench_fusion") if meta.is_file() else None
 
 
 def main() -> None:
@@ -94,7 +112,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None, help="keep the exports here (default: a temporary directory)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the exports here and reuse those already there (default: a temporary directory)")
     args = parser.parse_args()
 
     loaded = mf.load_model(args.model)
