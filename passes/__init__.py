@@ -112,9 +112,18 @@ def read_attr(gm: fx.GraphModule, target: str, fake_mode=None) -> fx.Node:
     """A ``get_attr`` node for the existing tensor ``target`` at the graph's insertion point."""
     node = gm.graph.get_attr(target)
     if fake_mode is not None:
-        owner, _, attr = target.rpartition(".")
-        node.meta["val"] = fake_mode.from_tensor(getattr(gm.get_submodule(owner), attr))
+        node.meta["val"] = fake_mode.from_tensor(attr_tensor(gm, target))
     return node
+
+
+def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
+    """The tensor (parameter or buffer) at the dotted path ``target``, else None."""
+    owner, _, attr = target.rpartition(".")
+    try:
+        value = getattr(gm.get_submodule(owner) if owner else gm, attr)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def cleanup(gm: fx.GraphModule) -> None:

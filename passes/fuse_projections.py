@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import BasePass, PassResult, attach_buffer, emit, fake_mode_of
+from . import BasePass, PassResult, attach_buffer, attr_tensor, emit, fake_mode_of
 
 FUSED_ATTR = "malora_fused"
 aten = torch.ops.aten
@@ -82,8 +82,9 @@ class FuseProjections(BasePass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         groups = self.fusable_groups(gm)
         sources = set().union(*(p.targets for g in groups for p in g)) if groups else set()
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}  # members are original nodes: computed once
         for group in groups:
-            _fuse(gm, group)
+            _fuse(gm, group, min((p.node for p in group), key=order.__getitem__))
         if groups:
             _delete_unreferenced(gm, sources)
         return PassResult(gm, modified=bool(groups), matches=len(groups))
@@ -132,16 +133,12 @@ def _constant(gm: fx.GraphModule, arg) -> torch.Tensor | None:
     """The tensor behind a ``get_attr`` argument, else None."""
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
-    owner_name, _, attr = arg.target.rpartition(".")
-    try:
-        value = getattr(gm.get_submodule(owner_name) if owner_name else gm, attr)
-    except AttributeError:
-        return None
-    return value if isinstance(value, torch.Tensor) else None
+    return attr_tensor(gm, arg.target)
 
 
 @torch.no_grad()
-def _fuse(gm: fx.GraphModule, group: list[Projection]) -> None:
+def _fuse(gm: fx.GraphModule, group: list[Projection], earliest: fx.Node) -> None:
+    """Replace ``group`` by one GEMM + split, inserted before ``earliest``, its first member in graph order."""
     first = group[0].node
     x = first.args[0]
     fake_mode = fake_mode_of(x)
@@ -151,7 +148,7 @@ def _fuse(gm: fx.GraphModule, group: list[Projection]) -> None:
         bias = torch.cat([p.bias if p.bias is not None else weight.new_zeros(p.out_features) for p in group])
     name = f"{first.args[1].target.replace('.', '_')}__x{len(group)}"
     graph = gm.graph
-    with graph.inserting_before(_earliest(graph, [p.node for p in group])):
+    with graph.inserting_before(earliest):
         out = emit(graph, aten.matmul.default, (x, attach_buffer(gm, FUSED_ATTR, name, weight, fake_mode)),
                    first, FuseProjections.name, fake_mode)
         if bias is not None:
@@ -164,11 +161,6 @@ def _fuse(gm: fx.GraphModule, group: list[Projection]) -> None:
     for proj, part in zip(group, slices):  # outside the block: the insertion point is one of these nodes
         proj.node.replace_all_uses_with(part)
         graph.erase_node(proj.node)
-
-
-def _earliest(graph: fx.Graph, nodes: list[fx.Node]) -> fx.Node:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return min(nodes, key=order.__getitem__)
 
 
 def _delete_unreferenced(gm: fx.GraphModule, targets: set[str]) -> None:
