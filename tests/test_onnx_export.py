@@ -210,3 +210,11 @@ def test_lowering_and_fusion_node_counts(tmp_path):
     ids = np.random.default_rng(7).integers(0, 258, size=(2, 5))
     fused, unfused = (_logits(OrtGenerator(tmp_path / n, "cpu"), ids) for n in ("fused", "unfused"))
     assert np.abs(fused - unfused).max() <= 1e-5 * max(np.abs(unfused).max(), 1.0)
+
+
+def test_cli_no_fuse_flag(tmp_path, capsys):
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    assert main(["export", str(run), "--out", str(tmp_path / "apart"), "--no-fuse"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "fused")]) == 0
+    fused = {name: json.loads((tmp_path / name / "export.json").read_text())["fused"] for name in ("apart", "fused")}
+    assert fused == {"apart": False, "fused": True}
