@@ -39,6 +39,7 @@ from .transform import transform
 logger = logging.getLogger(__name__)
 
 EXPORT_JSON = "export.json"
+EXPORT_FORMAT = "malora-fx-export/1"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PREFIX = "lm."
@@ -152,7 +153,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
     gm.to(DTYPES[dtype])
     out_dir = Path(out_dir)
     meta = {
-        "format": "malora-fx-export/1", "base_model": info["base_model"], "method": None if base_only else info["method"],
+        "format": EXPORT_FORMAT, "base_model": info["base_model"], "method": None if base_only else info["method"],
         "adapters": None if base_only else str(Path(run_dir).resolve()), "dtype": dtype, "opset": opset,
         "kind": "decoder" if decoder else ("causal-lm" if hasattr(model, "lm_head") else "encoder"),
         "inputs": input_names, "outputs": output_names, "kv_cache": decoder,
@@ -184,9 +185,10 @@ def export_decoder_graph(gm: fx.GraphModule, example: dict[str, Any], config, ou
         >>> export_decoder_graph(malora_fx.lower(gm, fuse=True), example, model.config, "exp", tokenizer=tok)
     """
     inputs, outputs = decoder_names(cache_geometry(config)[0])
-    full = {"format": "malora-fx-export/1", "base_model": None, "method": None, "adapters": None, "dtype": "fp32",
+    full = {"format": EXPORT_FORMAT, "base_model": None, "method": None, "adapters": None, "dtype": "fp32",
             "opset": opset, "kind": "decoder", "inputs": inputs, "outputs": outputs, "kv_cache": True,
-            "switchable": False, "fused": False, "adapter_parameters": {}, **decoder_meta(config), **meta}
+            "switchable": False, "fused": hasattr(gm, FUSED_ATTR), "adapter_parameters": {}, **decoder_meta(config),
+            **meta}
     _write_export(gm, gm, example, decoder_dynamic_shapes(example), outputs, opset, Path(out_dir), full, tokenizer)
     return Path(out_dir)
 
@@ -220,7 +222,7 @@ def export_onnx(gm: fx.GraphModule, out_dir: str | Path, example_kwargs: dict[st
     names = list(out.keys()) if hasattr(out, "keys") else [f"output_{i}" for i in range(len(out))] \
         if isinstance(out, (tuple, list)) else ["output"]
     dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example_kwargs.items()}
-    meta = {"format": "malora-fx-export/1", "base_model": None, "method": None, "lowered": True, "dtype": "fp32",
+    meta = {"format": EXPORT_FORMAT, "base_model": None, "method": None, "lowered": True, "dtype": "fp32",
             "opset": opset, "kind": "graph", "inputs": list(example_kwargs), "outputs": names, "kv_cache": False,
             "switchable": False, "fused": hasattr(gm, FUSED_ATTR), "adapter_parameters": {}}
     _write_export(gm, gm, example_kwargs, dynamic, names, opset, Path(out_dir), meta, tokenizer)

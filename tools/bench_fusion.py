@@ -84,8 +84,7 @@ def export_variants(args, work: Path, tokenizer, model) -> dict[str, Path]:
         gm = mf.lower(mf.merge(gm), fuse=fuse == "default")
         if fuse == "all":  # q/k/v and gate/up of the base too, which lower(fuse=True) leaves alone
             run_passes(gm, [FuseProjections()])
-        export_decoder_graph(gm, example, model.config, out[name], tokenizer=tokenizer, fused=fuse is not None,
-                             bench_fusion=_options(args))
+        export_decoder_graph(gm, example, model.config, out[name], tokenizer=tokenizer, bench_fusion=_options(args))
         print(f"exported {name} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
