@@ -16,14 +16,27 @@ Public API (a contract; see README.md for examples):
 """
 
 from . import passes as _passes  # noqa: F401  (malora_fx.passes is the top-level passes/ folder)
-from .adapter_io import load_adapters, read_adapter_config, save_adapters
-from .capture import capture
-from .config import MALoRAConfig
-from .deploy import lower, merge
-from .onnx_export import export_onnx, export_run
-from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError, TargetError
-from .sources import fetch, load_model
-from .transform import adapter_layers, aux_loss, get_config, set_adapters_training, trainable_parameters, transform
+from .adapters.config import MALoRAConfig
+from .adapters.files import load_adapters, read_adapter_config, save_adapters
+from .adapters.transform import (
+    adapter_layers,
+    aux_loss,
+    get_config,
+    set_adapters_training,
+    trainable_parameters,
+    transform,
+)
+from .deploy.merge_lower import lower, merge
+from .deploy.onnx_export import export_onnx, export_run
+from .errors import (
+    AdapterFileError,
+    ConfigError,
+    MaloraError,
+    ModelSourceError,
+    TargetError,
+)
+from .graph.capture import capture
+from .graph.sources import fetch, load_model
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MALoRAConfig", "MaloraError", "ModelSourceError", "TargetError",

@@ -17,18 +17,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapter_io import save_adapters
-from .bench import benchmark, ort_runner
-from .config import MALoRAConfig
-from .data import read_jsonl
-from .evaluate import stop_token_ids
-from .onnx_export import export_run
-from .ort_runner import OrtGenerator
-from .runs import load_run
-from .sources import load_model
-from .tasks import check_answer, write_suite
-from .training import TrainArgs, train
-from .transform import transform, trainable_parameters
+from .adapters.config import MALoRAConfig
+from .adapters.files import save_adapters
+from .adapters.run_dir import load_run
+from .adapters.transform import trainable_parameters, transform
+from .deploy.bench import benchmark, ort_runner
+from .deploy.onnx_export import export_run
+from .deploy.runner import OrtGenerator
+from .graph.sources import load_model
+from .train.data import read_jsonl
+from .train.evaluate import stop_token_ids
+from .train.loop import TrainArgs, train
+from .train.suites import check_answer, write_suite
 
 QUICK_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 

@@ -1,27 +1,70 @@
-"""Graph passes of malora-fx, imported as ``malora_fx.passes``.
+"""Graph passes of malora-fx, imported as ``malora_fx.passes``: the pass
+infrastructure in one module.
 
-A pass is a small object with ``name``, ``requires(gm)`` (raises if the graph
-is not fit for it), ``call(gm) -> PassResult`` (the rewrite) and
-``ensures(gm)`` (checks what it promised). :func:`run_passes` runs an ordered
-list, cleans up after every pass that changed the graph (dead-code
-elimination → lint → recompile) and logs one line per pass.
+* **The pass protocol.** A pass is a small object with ``name``,
+  ``requires(gm)`` (raises if the graph is not fit for it), ``call(gm) ->
+  PassResult`` (the rewrite) and ``ensures(gm)`` (checks what it promised).
+  :func:`run_passes` runs an ordered list, cleans up after every pass that
+  changed the graph (dead-code elimination → lint → recompile) and logs one
+  line per pass.
+* **The graph state.** Every key a pass or stage writes into ``node.meta`` /
+  ``gm.meta`` and every submodule name it adds to the GraphModule is a named
+  constant below; nothing else spells them.
+* **The pipelines** a reader needs to see are the functions at the bottom of
+  this file. A new pass is one new file in this folder plus one line in one of
+  them.
 
-The pipelines a reader needs to see are built by the functions at the bottom
-of this file.
+The method behind the passes (formulas, why each rewrite is exact) is written
+down in ``docs/method.md``; the stages around them in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 from torch import fx, nn
 
+if TYPE_CHECKING:
+    from malora_fx.adapters.layers import AdapterLayer
+
 logger = logging.getLogger(__name__)
 
-PASS_TAG = "malora_fx.pass"
+# ---------------------------------------------------------------- graph state
+# node.meta keys
+PASS_TAG = "malora_fx.pass"  # the name of the pass that made the node
+TARGET_KEY = "malora_fx.target"  # an AdapterTarget: this linear output is to be adapted (annotate_targets)
+ADAPTED_KEY = "malora_fx.adapted"  # the site FQN: this linear output carries an adapter (insert_adapters)
+# gm.meta keys (written at capture)
+OUTPUT_HEADS_KEY = "malora_fx.output_heads"  # module names "all-linear" leaves out
+BASE_PARAMETERS_KEY = "malora_fx.base_parameters"  # parameter count of the captured model
+EXAMPLE_KWARGS_KEY = "malora_fx.example_kwargs"  # the keyword names the graph was captured with
+STATE_KEY = "malora_fx"  # {"config": MALoRAConfig, "sites": {fqn: {in_features, out_features}}} (insert_adapters)
+DEFAULT_OUTPUT_HEADS = ("lm_head",)
+# submodules of the GraphModule
+ADAPTERS_ATTR = "malora_adapters"  # ModuleDict of trainable adapter layers (insert_adapters)
+FOLDED_ATTR = "malora_folded"  # ModuleDict of FoldedMixture (fold_adapters)
+LOWERED_ATTR = "malora_lowered"  # buffers of lowered adapter tensors, one ONNX initializer each (lower_routing)
+CONSTANTS_ATTR = "malora_constants"  # 0/1 spread / repeat matrices shared by sites of one shape (lower_routing)
+FUSED_ATTR = "malora_fused"  # concatenated projection weights (fuse_projections)
+
+
+def adapter_key(fqn: str) -> str:
+    """Key of the adapter of module ``fqn`` in the ``ADAPTERS_ATTR`` / ``FOLDED_ATTR`` ModuleDicts."""
+    return fqn.replace(".", "__")
+
+
+def adapter_modules(gm: nn.Module) -> dict[str, AdapterLayer]:
+    """``{site fqn: adapter layer}`` of a transformed module (empty if none)."""
+    container: Any = getattr(gm, ADAPTERS_ATTR, None)
+    if container is None:
+        return {}
+    return {layer.fqn: layer for layer in container.values()}
+
+
+# ---------------------------------------------------------------- the pass protocol
 
 
 @dataclass(frozen=True)
@@ -163,7 +206,7 @@ def lower_pipeline(fold_lora: bool = True, fuse: bool = False) -> list[GraphPass
     """
     from .fold_adapters import FoldAdapters
     from .fuse_projections import FuseProjections
-    from .lower_routing import LOWERED_ATTR, LowerRouting
+    from .lower_routing import LowerRouting
 
     passes: list[GraphPass] = [FoldAdapters(fold_lora), LowerRouting()]
     if fuse:

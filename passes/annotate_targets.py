@@ -1,6 +1,6 @@
 """annotate_targets — mark the linear sites to adapt (policy only).
 
-Matches: every linear call site of the graph (see ``malora_fx.sites``) whose
+Matches: every linear call site of the graph (see ``malora_fx.graph.sites``) whose
 module name the selection accepts::
 
     x ──► linear(x, W, b) ──► y        (or a Conv1D / nn.Linear call)
@@ -27,16 +27,18 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from malora_fx.config import ALL_LINEAR, REGEX_PREFIX
+from malora_fx.adapters.config import ALL_LINEAR, REGEX_PREFIX
 from malora_fx.errors import TargetError
-from malora_fx.sites import LinearSite, find_linear_sites, linear_module_names
+from malora_fx.graph.sites import LinearSite, find_linear_sites, linear_module_names
 
-from . import BasePass, PassResult
-
-TARGET_KEY = "malora_fx.target"
-ADAPTED_KEY = "malora_fx.adapted"
-OUTPUT_HEADS_KEY = "malora_fx.output_heads"
-DEFAULT_OUTPUT_HEADS = ("lm_head",)
+from . import (
+    ADAPTED_KEY,
+    DEFAULT_OUTPUT_HEADS,
+    OUTPUT_HEADS_KEY,
+    TARGET_KEY,
+    BasePass,
+    PassResult,
+)
 
 
 @dataclass(frozen=True)

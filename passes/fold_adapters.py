@@ -12,7 +12,7 @@ Produces:
     (transposed for GPT-2 ``Conv1D``), as a new parameter (the caller's model
     is not touched); the adapter call and the add disappear.
   * routed sites: the adapter call retargeted to a
-    :class:`malora_fx.folded.FoldedMixture` under ``gm.malora_folded`` with the
+    :class:`malora_fx.adapters.folded.FoldedMixture` under ``gm.malora_folded`` with the
     scale folded into the up-projection and, for MALoRA, ``P_t`` folded into
     ``B_t`` where that is cheaper per token. Nothing routed folds into ``W``:
     the routing depends on the token.
@@ -31,15 +31,19 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from malora_fx.folded import FoldedMixture, fold_mixture
-from malora_fx.layers import AdapterLayer, LoRALayer, MixtureLayer
-from malora_fx.sites import LinearSite, find_linear_sites
+from malora_fx.adapters.folded import FoldedMixture, fold_mixture
+from malora_fx.adapters.layers import AdapterLayer, LoRALayer, MixtureLayer
+from malora_fx.graph.sites import LinearSite, find_linear_sites
 
-from . import BasePass, PassResult
-from .annotate_targets import ADAPTED_KEY
-from .insert_adapters import ADAPTERS_ATTR, adapter_key
-
-FOLDED_ATTR = "malora_folded"
+from . import (
+    ADAPTED_KEY,
+    ADAPTERS_ATTR,
+    FOLDED_ATTR,
+    PASS_TAG,
+    BasePass,
+    PassResult,
+    adapter_key,
+)
 
 
 def adapted_site_calls(gm: fx.GraphModule) -> list[tuple[LinearSite, fx.Node, fx.Node]]:
@@ -77,7 +81,7 @@ class FoldAdapters(BasePass):
                 gm.graph.erase_node(call)
             elif isinstance(layer, MixtureLayer):
                 call.target = _register_folded(gm, fold_mixture(layer))
-                call.meta["malora_fx.pass"] = self.name
+                call.meta[PASS_TAG] = self.name
             else:
                 continue
             matches += 1

@@ -45,9 +45,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import BasePass, PassResult, attach_buffer, attr_tensor, emit, fake_mode_of
+from . import (
+    FUSED_ATTR,
+    BasePass,
+    PassResult,
+    attach_buffer,
+    attr_tensor,
+    emit,
+    fake_mode_of,
+)
 
-FUSED_ATTR = "malora_fused"
 aten = torch.ops.aten
 
 # Every call_function target the pass adds.

@@ -27,28 +27,21 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from malora_fx.config import MALoRAConfig
+from malora_fx.adapters.config import MALoRAConfig
+from malora_fx.adapters.layers import AdapterLayer, make_layer
 from malora_fx.errors import ConfigError
-from malora_fx.layers import AdapterLayer, make_layer
 
-from . import BasePass, PassResult, tag_node
-from .annotate_targets import ADAPTED_KEY, TARGET_KEY, AdapterTarget
-
-ADAPTERS_ATTR = "malora_adapters"
-STATE_KEY = "malora_fx"
-
-
-def adapter_key(fqn: str) -> str:
-    """ModuleDict key of the adapter of module ``fqn``."""
-    return fqn.replace(".", "__")
-
-
-def adapter_modules(gm: nn.Module) -> dict[str, AdapterLayer]:
-    """``{site fqn: adapter layer}`` of a transformed module (empty if none)."""
-    container = getattr(gm, ADAPTERS_ATTR, None)
-    if container is None:
-        return {}
-    return {layer.fqn: layer for layer in container.values()}
+from . import (
+    ADAPTED_KEY,
+    ADAPTERS_ATTR,
+    STATE_KEY,
+    TARGET_KEY,
+    BasePass,
+    PassResult,
+    adapter_key,
+    tag_node,
+)
+from .annotate_targets import AdapterTarget
 
 
 class InsertAdapters(BasePass):

@@ -1,6 +1,6 @@
 """lower_routing — replace every folded routed adapter by plain, static ops.
 
-Matches: ``call_module`` nodes of a :class:`malora_fx.folded.FoldedMixture`
+Matches: ``call_module`` nodes of a :class:`malora_fx.adapters.folded.FoldedMixture`
 (produced by fold_adapters), and of LoRA layers that were kept out of the base
 weight (``FoldAdapters(fold_lora=False)``, for switchable exports), which
 become ``(x @ Aᵀ) @ (s·B)ᵀ``.
@@ -44,15 +44,22 @@ import operator
 import torch
 from torch import fx
 
-from malora_fx.folded import FoldedMixture
-from malora_fx.layers import LoRALayer
+from malora_fx.adapters.folded import FoldedMixture
+from malora_fx.adapters.layers import LoRALayer
 
-from . import BasePass, PassResult, attach_buffer, emit, fake_mode_of, read_attr
-from .fold_adapters import FOLDED_ATTR
-from .insert_adapters import ADAPTERS_ATTR
+from . import (
+    ADAPTERS_ATTR,
+    CONSTANTS_ATTR,
+    FOLDED_ATTR,
+    LOWERED_ATTR,
+    BasePass,
+    PassResult,
+    attach_buffer,
+    emit,
+    fake_mode_of,
+    read_attr,
+)
 
-LOWERED_ATTR = "malora_lowered"
-CONSTANTS_ATTR = "malora_constants"
 aten = torch.ops.aten
 
 # Every call_function target a lowered adapter may add.

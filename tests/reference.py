@@ -1,6 +1,6 @@
 """An independent eager reference of DESIGN §2, written token by token.
 
-Nothing here uses malora_fx.layers: each update is computed straight from the
+Nothing here uses malora_fx.adapters.layers: each update is computed straight from the
 formulas with an explicit loop over tokens and chosen experts, then added to the
 original (uncaptured) model's linear outputs with forward hooks.
 """

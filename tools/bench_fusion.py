@@ -2,7 +2,7 @@
 
 Exports one decoder four ways and times them in onnxruntime, alternated
 (A, B, C, D, A, …), with the prefill of a batch × seq prompt and per-token
-decode with the KV cache (malora_fx.bench):
+decode with the KV cache (malora_fx.deploy.bench):
 
     base             the base model, as `malora-fx export --base-only`
     base all-fused   the base with q/k/v and gate/up each fused into one GEMM
@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 import malora_fx as mf
-from malora_fx.bench import benchmark, format_table, ort_runner
-from malora_fx.onnx_export import capture_decoder, export_decoder_graph
-from malora_fx.ort_runner import OrtGenerator
+from malora_fx.deploy.bench import benchmark, format_table, ort_runner
+from malora_fx.deploy.onnx_export import capture_decoder, export_decoder_graph
+from malora_fx.deploy.runner import OrtGenerator
 from malora_fx.passes import run_passes
 from malora_fx.passes.fuse_projections import FuseProjections
 

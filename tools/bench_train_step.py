@@ -104,7 +104,7 @@ def main() -> None:
     steps, counts = {}, {}
     torch.manual_seed(0)
     for name, config in CONFIGS.items():
-        gm = malora_fx.transform(model, config, example_kwargs=batch)
+        gm = malora_fx.adapters.transform(model, config, example_kwargs=batch)
         params = malora_fx.trainable_parameters(gm)
         with torch.no_grad():
             for layer in malora_fx.adapter_layers(gm).values():
@@ -114,7 +114,7 @@ def main() -> None:
     if not args.no_base:
         with torch.no_grad():
             embeds = model.get_input_embeddings()(ids)
-        base = malora_fx.capture(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]})
+        base = malora_fx.graph.capture(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]})
         for param in base.parameters():
             param.requires_grad_(False)
         counts["base"] = 0

@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of MALoRA vs MoLoRA vs LoRA over a real run.
 
-Each variant is a full ``malora_fx.training.Trainer`` on the same data (the
+Each variant is a full ``malora_fx.train.loop.Trainer`` on the same data (the
 built-in ``inter`` suite) and the same base model (SmolLM2-135M by default):
 real tokenised batches of varying length, AdamW, warm-up + cosine schedule,
 aux loss. The three runs advance in lock-step (step i of A, then of B, then
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from malora_fx import MALoRAConfig, save_adapters, transform
-from malora_fx.sources import load_model
-from malora_fx.tasks import write_suite
-from malora_fx.training import Trainer, TrainArgs
+from malora_fx.graph.sources import load_model
+from malora_fx.train.loop import TrainArgs, Trainer
+from malora_fx.train.suites import write_suite
 
 TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 VARIANTS = {

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import tiny
 
 import malora_fx as mf
-from malora_fx.config import parse_targets
-from malora_fx.passes.annotate_targets import TARGET_KEY, AnnotateTargets
-
-from conftest import tiny
+from malora_fx.adapters.config import parse_targets
+from malora_fx.passes import TARGET_KEY
+from malora_fx.passes.annotate_targets import AnnotateTargets
 
 
 def _annotated(gm):

@@ -2,15 +2,21 @@
 
 import pytest
 import torch
+from conftest import (
+    METHODS,
+    TINY_NAMES,
+    main_output,
+    randomize_adapters,
+    small_config,
+    tiny,
+)
 
 import malora_fx as mf
-from malora_fx.folded import FoldedMixture, fold_malora_coefficients
-from malora_fx.layers import AdapterLayer
+from malora_fx.adapters.folded import FoldedMixture, fold_malora_coefficients
+from malora_fx.adapters.layers import AdapterLayer
 from malora_fx.passes import run_passes
 from malora_fx.passes.fold_adapters import FoldAdapters
 from malora_fx.passes.lower_routing import LOWERED_OPS, LowerRouting
-
-from conftest import METHODS, TINY_NAMES, main_output, randomize_adapters, small_config, tiny
 
 
 def _trained(name, method, **changes):

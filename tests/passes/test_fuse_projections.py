@@ -4,13 +4,19 @@ import operator
 
 import pytest
 import torch
+from conftest import (
+    METHODS,
+    TINY_NAMES,
+    main_output,
+    randomize_adapters,
+    small_config,
+    tiny,
+)
 
 import malora_fx as mf
-from malora_fx.passes import run_passes
-from malora_fx.passes.fuse_projections import FUSED_ATTR, FUSED_OPS, FuseProjections
+from malora_fx.passes import FUSED_ATTR, run_passes
+from malora_fx.passes.fuse_projections import FUSED_OPS, FuseProjections
 from malora_fx.passes.lower_routing import LOWERED_OPS
-
-from conftest import METHODS, TINY_NAMES, main_output, randomize_adapters, small_config, tiny
 
 SIX = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 aten = torch.ops.aten

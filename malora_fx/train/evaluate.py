@@ -1,0 +1,126 @@
+"""Evaluation: per-task loss on response tokens and exact match by greedy decoding.
+
+Both work on any ``logits_fn(input_ids, attention_mask) -> logits`` — a
+transformed GraphModule or the untransformed base model — so the adapted and
+base numbers come from the same code.
+
+Greedy decoding runs without a KV cache over right-padded rows: each step
+re-reads every row up to its own length, takes the logits at its last real
+token and writes the next token after it. Right padding keeps the real tokens'
+positions and attention exactly as for a single row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, Encoded, Example, collate, encode, pad_id
+from .suites import check_answer
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def task_losses(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], max_length: int, batch_size: int,
+                device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Mean cross-entropy over response tokens, per task: ``{task: {"loss", "tokens"}}``."""
+    pad = pad_id(tokenizer)
+    encoded = [encode(e, tokenizer, max_length) for e in examples]
+    sums: dict[str, list[float]] = {}
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        items = [encoded[i] for i in order[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(items, pad).items()}
+        logits = logits_fn(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        for row, item in enumerate(items):
+            valid = labels[row] != IGNORE
+            acc = sums.setdefault(item.task, [0.0, 0])
+            acc[0] += float(per_token[row][valid].sum())
+            acc[1] += int(valid.sum())
+    return {t: {"loss": s / max(n, 1), "tokens": n} for t, (s, n) in sorted(sums.items())}
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """End-of-sequence ids: the tokenizer's eos and a chat template's end-of-turn marker."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return ids
+
+
+@torch.no_grad()
+def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: set[int],
+                    pad_id: int, device: str = "cpu") -> list[list[int]]:
+    """Greedy continuation of each prompt, up to ``max_new_tokens`` or a stop token (excluded)."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max()) + max_new_tokens
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = torch.tensor(list(prompt), device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    rows = torch.arange(len(prompts), device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        span = int(lengths.max())
+        mask = (torch.arange(span, device=device)[None, :] < lengths[:, None]).long()
+        logits = logits_fn(ids[:, :span], mask)
+        nxt = logits[rows, lengths - 1].argmax(-1)
+        for row in range(len(prompts)):
+            if finished[row]:
+                continue
+            token = int(nxt[row])
+            if token in stop_ids:
+                finished[row] = True
+            else:
+                out[row].append(token)
+        ids[rows, lengths] = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        lengths = lengths + (~finished).long()
+        if bool(finished.all()):
+            break
+    return out
+
+
+def exact_match(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, max_length: int, batch_size: int,
+                max_new_tokens: int | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Greedy-decode each prompt and compare with the response: ``{task: {"exact_match", "n"}}``."""
+    pad = pad_id(tokenizer)
+    encoded: list[Encoded] = [encode(e, tokenizer, max_length) for e in examples]
+    if max_new_tokens is None:
+        max_new_tokens = max(len(e.input_ids) - e.prompt_length for e in encoded) + 2
+    stops = stop_token_ids(tokenizer)
+    hits: dict[str, list[int]] = {}
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].prompt_length)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        prompts = [encoded[i].input_ids[:encoded[i].prompt_length] for i in chunk]
+        outs = greedy_generate(logits_fn, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad,
+                               device=device)
+        for i, tokens in zip(chunk, outs):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            acc = hits.setdefault(examples[i].task, [0, 0])
+            acc[0] += int(check_answer(examples[i].response, text))
+            acc[1] += 1
+    return {t: {"exact_match": h / n, "n": n} for t, (h, n) in sorted(hits.items())}
+
+
+def evaluate(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, max_length: int = 512,
+             batch_size: int = 8, max_new_tokens: int | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Per-task ``loss`` and ``exact_match`` (and ``n``), plus an ``"average"`` row."""
+    losses = task_losses(logits_fn, tokenizer, examples, max_length, batch_size, device)
+    matches = exact_match(logits_fn, tokenizer, examples, max_length=max_length, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, device=device)
+    table = {t: {"loss": losses[t]["loss"], "exact_match": matches[t]["exact_match"], "n": matches[t]["n"]}
+             for t in losses}
+    table["average"] = {
+        "loss": sum(r["loss"] for r in table.values()) / len(table),
+        "exact_match": sum(r["exact_match"] for r in table.values()) / len(table),
+        "n": sum(r["n"] for r in table.values()),
+    }
+    return table

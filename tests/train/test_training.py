@@ -1,0 +1,153 @@
+"""`malora-fx train`: a run, checkpoints that survive SIGKILL, data parallel parity, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from malora_fx.cli import main
+from malora_fx.train.checkpoint import latest_checkpoint
+from malora_fx.train.suites import write_suite
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+TRAIN = ["--batch-size", "4", "--lr", "2e-3", "--no-progress", "--seed", "1"]
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "malora_fx.cli", *args], capture_output=True, text=True, env=ENV,
+                          **kwargs)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_suite("inter", root / "data", train=12, eval=2, seed=0)
+    assert main(["transform", "tiny-llama", "--out", str(root / "init"), "--targets", "q_proj,v_proj,down_proj",
+                 "--dropout", "0.1"]) == 0
+    return root
+
+
+def fresh_run(workspace, name):
+    run = workspace / name
+    shutil.copytree(workspace / "init", run)
+    return run
+
+
+def adapters(run):
+    return load_file(str(Path(run) / "adapter_model.safetensors"))
+
+
+def test_train_writes_adapters_metrics_plot_and_checkpoints(workspace):
+    run = fresh_run(workspace, "basic")
+    before = adapters(run)
+    data = workspace / "data"
+    proc = cli("train", str(run), "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
+               "--steps", "5", "--save-every", "2", "--keep", "2", *TRAIN)
+    assert proc.returncode == 0, proc.stderr
+    after = adapters(run)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert all(r["aux_loss"] > 0 and r["tokens"] > 0 for r in steps)
+    assert steps[0]["lr"] > steps[-1]["lr"]  # cosine decay
+    assert "eval_loss" in rows[-1] and set(rows[-1]["eval_loss"]) == {"arithmetic", "currency", "reverse", "sentiment",
+                                                                       "sort", "weekday"}
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_kill_at_any_moment_then_resume_is_bit_identical(workspace):
+    data = str(workspace / "data" / "train.jsonl")
+    args = ["--steps", "40", "--save-every", "3", "--keep", "3", *TRAIN]
+    reference = fresh_run(workspace, "uninterrupted")
+    assert cli("train", str(reference), "--data", data, *args).returncode == 0
+    for attempt, delay in enumerate((0.0, 0.013, 0.031)):
+        run = fresh_run(workspace, f"killed{attempt}")
+        proc = subprocess.Popen([sys.executable, "-m", "malora_fx.cli", "train", str(run), "--data", data, *args],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(run.glob("checkpoints/step-*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.002)  # --resume needs one complete checkpoint; then kill at some later moment
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+        resumed = cli("train", str(run), "--data", data, *args, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resuming from step-" in resumed.stderr
+        ref, got = adapters(reference), adapters(run)
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref), f"attempt {attempt}: resumed run differs"
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 41))
+
+
+def test_damaged_checkpoint_is_skipped(workspace):
+    run = fresh_run(workspace, "damaged")
+    data = str(workspace / "data" / "train.jsonl")
+    assert cli("train", str(run), "--data", data, "--steps", "4", "--save-every", "2", *TRAIN).returncode == 0
+    newest = latest_checkpoint(run)
+    assert newest.name == "step-00000004"
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated by a crash
+    assert latest_checkpoint(run).name == "step-00000002"
+
+
+def test_two_process_gloo_matches_one_process(workspace):
+    data = str(workspace / "data" / "train.jsonl")
+    args = ["--steps", "4", "--grad-accum", "2", *TRAIN]
+    # adapter dropout is off: its masks depend on how the batch is split over ranks
+    init = workspace / "init-no-dropout"
+    assert main(["transform", "tiny-llama", "--out", str(init), "--targets", "q_proj,v_proj,down_proj"]) == 0
+    single, double = workspace / "one", workspace / "two"
+    shutil.copytree(init, single)
+    shutil.copytree(init, double)
+    assert cli("train", str(single), "--data", data, *args).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           "29517", "-m", "malora_fx.cli", "train", str(double), "--data", data, *args],
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = adapters(single), adapters(double)
+    initial = adapters(init)
+    assert any((one[k] - initial[k]).abs().max() > 1e-3 for k in one)
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda w, r: ["--data", str(w / "empty.jsonl")], "empty data file"),
+    (lambda w, r: ["--data", str(w / "bad.jsonl")], "bad.jsonl:2: not valid JSON"),
+    (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--task-sampling", "random"],
+     "task sampling: unknown mode 'random'"),
+    (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--lr=-1e-3"], "learning rate: -0.001 must be > 0"),
+    (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--resume"], "--resume: no complete checkpoint"),
+])
+def test_bad_input_exit_2(workspace, make_args, message, capsys):
+    (workspace / "empty.jsonl").write_text("")
+    (workspace / "bad.jsonl").write_text('{"task": "a", "prompt": "p", "response": "r"}\n{"task": \n')
+    run = fresh_run(workspace, f"bad{abs(hash(message))}")
+    code = main(["train", str(run), *make_args(workspace, run), "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_run_dir_without_adapters_and_existing_checkpoints(workspace, capsys, tmp_path):
+    data = str(workspace / "data" / "train.jsonl")
+    assert main(["train", str(tmp_path), "--data", data, "--steps", "2"]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    run = fresh_run(workspace, "twice")
+    assert main(["train", str(run), "--data", data, "--steps", "2", "--save-every", "1", *TRAIN]) == 0
+    snapshot = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    capsys.readouterr()
+    assert main(["train", str(run), "--data", data, "--steps", "2", "--save-every", "1", *TRAIN]) == 2
+    assert "already has checkpoints (step-00000002); pass --resume" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == snapshot
