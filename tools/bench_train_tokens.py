@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of MALoRA vs MoLoRA vs LoRA over a real run.
 
-Each variant is a full ``malora_fx.train.loop.Trainer`` on the same data (the
+Each variant is a run set up by ``malora_fx.train.loop.prepare`` on the same data (the
 built-in ``inter`` suite) and the same base model (SmolLM2-135M by default):
 real tokenised batches of varying length, AdamW, warm-up + cosine schedule,
 aux loss. The three runs advance in lock-step (step i of A, then of B, then
@@ -25,7 +25,7 @@ import torch
 
 from malora_fx import MALoRAConfig, save_adapters, transform
 from malora_fx.graph.sources import load_model
-from malora_fx.train.loop import TrainArgs, Trainer
+from malora_fx.train.loop import TrainArgs, prepare
 from malora_fx.train.suites import write_suite
 
 TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
@@ -65,8 +65,7 @@ def main() -> None:
             run = make_run(root, name, args.model, base, config)
             targs = TrainArgs(steps=args.steps + args.warmup_steps, batch_size=args.batch_size, lr=1e-3,
                               device=args.device)
-            trainer = Trainer(run, root / "data" / "train.jsonl", targs, None, progress=False, say=lambda m: None)
-            trainer.setup()
+            trainer = prepare(run, root / "data" / "train.jsonl", targs, progress=False, say=lambda m: None)
             trainers[name] = trainer
         tokens = {name: 0 for name in trainers}
         seconds = {name: 0.0 for name in trainers}
