@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -109,10 +109,12 @@ def _parity(run_dir: Path, gen: OrtGenerator, prompts: list[str]) -> float:
 
 def format_summary(s: dict) -> str:
     rows = [
-        ("trainable parameters", f"{s['trainable_parameters']:,} ({100 * s['trainable_parameters'] / s['base_parameters']:.2f}% of base)"),
+        ("trainable parameters",
+         f"{s['trainable_parameters']:,} ({100 * s['trainable_parameters'] / s['base_parameters']:.2f}% of base)"),
         ("final training loss", f"{s['final_train_loss']:.4f}"),
         ("prompt", s["prompt"]),
-        ("onnxruntime answer", f"{s['answer']!r} (expected {s['expected']!r}: {'correct' if s['correct'] else 'wrong'})"),
+        ("onnxruntime answer",
+         f"{s['answer']!r} (expected {s['expected']!r}: {'correct' if s['correct'] else 'wrong'})"),
         ("parity PyTorch vs ONNX", f"max |Δlogit| = {s['max_abs_logit_diff_pytorch_vs_onnx']:.2e}"),
         ("prefill latency vs base", f"{s['prefill_ratio_vs_base']:.3f}x"),
         ("decode latency vs base", f"{s['decode_ratio_vs_base']:.3f}x per token"),

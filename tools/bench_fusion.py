@@ -34,8 +34,10 @@ import torch
 
 import malora_fx as mf
 from malora_fx.deploy.bench import benchmark, format_table, ort_runner
-from malora_fx.deploy.onnx_export import capture_decoder, export_decoder_graph
+from malora_fx.deploy.onnx_export import export_decoder_graph
 from malora_fx.deploy.runner import OrtGenerator
+from malora_fx.fileio import atomic_write
+from malora_fx.graph.cached_decoder import capture_decoder
 from malora_fx.passes import run_passes
 from malora_fx.passes.fuse_projections import FuseProjections
 
@@ -62,6 +64,7 @@ def adapted_graph(model, config: mf.MALoRAConfig, seed: int):
     return gm, example
 
 
+OPTIONS_FILE = "bench_fusion.json"  # export.json has a fixed schema; this tool's reuse key lives beside it
 VARIANTS = [  # (name, adapted, how to fuse)
     ("base", False, None),
     ("base all-fused", False, "all"),
@@ -84,7 +87,9 @@ def export_variants(args, work: Path, tokenizer, model) -> dict[str, Path]:
         gm = mf.lower(mf.merge(gm), fuse=fuse == "default")
         if fuse == "all":  # q/k/v and gate/up of the base too, which lower(fuse=True) leaves alone
             run_passes(gm, [FuseProjections()])
-        export_decoder_graph(gm, example, model.config, out[name], tokenizer=tokenizer, bench_fusion=_options(args))
+        export_decoder_graph(gm, example, model.config, out[name], tokenizer=tokenizer)
+        options = json.dumps(_options(args), indent=2) + "\n"
+        atomic_write(out[name] / OPTIONS_FILE, lambda tmp, text=options: tmp.write_text(text))
         print(f"exported {name} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
@@ -96,8 +101,9 @@ def _options(args) -> dict:
 
 
 def _made_with(export_dir: Path) -> dict | None:
-    meta = export_dir / "export.json"
-    return json.loads(meta.read_text()).get("bench_fusion") if meta.is_file() else None
+    """The options an export in --workdir was made with (written next to its export.json), if any."""
+    made = export_dir / OPTIONS_FILE
+    return json.loads(made.read_text()) if made.is_file() and (export_dir / "export.json").is_file() else None
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""``malora-fx export``, ``run``, ``import-peft`` and ``bench``."""
+"""``malora-fx export``, ``run``, ``import-peft`` and ``bench``.
+
+Thin argument parsing over :mod:`malora_fx.deploy`: what an export holds is
+read from its ``export.json`` through :class:`~malora_fx.deploy.manifest.ExportManifest`
+only. ``bench`` re-exports comparison variants (once, under EXPORT_DIR/bench/)
+from the run directory the manifest records in ``adapters``. Bad input raises
+:class:`~malora_fx.errors.MaloraError` (one line, exit status 2).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MaloraError
+
+if TYPE_CHECKING:
+    from ..deploy.manifest import ExportManifest
 
 
 def add_parsers(sub) -> None:
@@ -68,7 +79,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..deploy.onnx_export import export_adapter, export_run
+    from ..deploy.adapter_file import export_adapter
+    from ..deploy.manifest import ExportManifest
+    from ..deploy.onnx_export import export_run
 
     if args.adapter_only:
         if not args.out.endswith(".onnx_adapter"):
@@ -77,10 +90,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     out = export_run(args.run_dir, args.out, dtype=args.dtype, opset=args.opset, cache=not args.no_cache,
                      base_only=args.base_only, switchable=args.switchable, fuse=not args.no_fuse)
-    meta = json.loads((out / "export.json").read_text())
-    print(f"wrote {out}/model.onnx ({meta['kind']}, {meta['dtype']}, opset {meta['opset']}, "
-          f"{'with' if meta['kv_cache'] else 'without'} KV cache); inputs: {', '.join(meta['inputs'][:5])}"
-          + (" ..." if len(meta["inputs"]) > 5 else ""))
+    manifest = ExportManifest.read(out)
+    print(f"wrote {out}/model.onnx ({manifest.kind}, {manifest.dtype}, opset {manifest.opset}, "
+          f"{'with' if manifest.kv_cache else 'without'} KV cache); inputs: {', '.join(manifest.inputs[:5])}"
+          + (" ..." if len(manifest.inputs) > 5 else ""))
     return 0
 
 
@@ -115,24 +128,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import benchmark, format_table, ort_runner
     from ..deploy.runner import OrtGenerator, read_export
 
-    meta = read_export(args.export_dir)
-    if not meta.get("kv_cache") or not meta.get("adapters"):
+    manifest = read_export(args.export_dir)
+    if not manifest.kv_cache or not manifest.adapters:
         raise MaloraError(f"{args.export_dir}: bench needs an adapted decoder export with a KV cache")
     lowered = OrtGenerator(args.export_dir, args.provider)
     bench_dir = Path(args.export_dir) / "bench"
-    base = OrtGenerator(_cached_export(meta, bench_dir / "base", base_only=True), args.provider)
+    base = OrtGenerator(_cached_export(manifest, bench_dir / "base", base_only=True), args.provider)
     variants = {"base export": ort_runner(base), "lowered export": ort_runner(lowered)}
     try:
-        variants["unlowered export"] = ort_runner(OrtGenerator(_cached_export(meta, bench_dir / "unlowered",
+        variants["unlowered export"] = ort_runner(OrtGenerator(_cached_export(manifest, bench_dir / "unlowered",
                                                                               lowered=False), args.provider))
     except Exception as exc:  # report, do not fail: the point is whether it exports at all
         print(f"unlowered export: does not export ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
     if not args.no_torch:
-        variants["pytorch eager"] = _torch_variant(meta)
+        variants["pytorch eager"] = _torch_variant(manifest)
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, onnxruntime {lowered.provider}")
     timings = benchmark(variants, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
-                        repeats=args.repeats, vocab=min(meta.get("vocab_size", 1000), 1000))
+                        repeats=args.repeats, vocab=min(manifest.vocab_size or 1000, 1000))
     print(format_table(timings, args.batch, args.seq))
     if args.json:
         Path(args.json).write_text(json.dumps({n: {"prefill_s": t.prefill_s, "decode_s": t.decode_s}
@@ -140,29 +153,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cached_export(meta: dict, out: Path, **options) -> Path:
+def _cached_export(manifest: ExportManifest, out: Path, **options) -> Path:
+    """``out``, exported from the run the manifest names (``adapters``) unless already there."""
+    from ..deploy.manifest import EXPORT_JSON
     from ..deploy.onnx_export import export_run
 
-    if not (out / "export.json").is_file():
+    if not (out / EXPORT_JSON).is_file():
         print(f"malora-fx: exporting {out.name} variant for comparison", file=sys.stderr)
-        export_run(meta["adapters"], out, dtype=meta["dtype"], opset=meta["opset"], **options)
+        export_run(manifest.adapters, out, dtype=manifest.dtype, opset=manifest.opset, **options)
     return out
 
 
-def _torch_variant(meta: dict):
-    from ..adapters.files import config_from_file, load_adapters, read_adapter_config
-    from ..adapters.transform import set_adapters_training, transform
+def _torch_variant(manifest: ExportManifest):
+    """PyTorch eager over the run the manifest names, captured with the export's cache geometry."""
+    from ..adapters.run_dir import apply_run_adapters, read_run
     from ..deploy.bench import torch_runner
-    from ..deploy.onnx_export import DTYPES, cache_geometry, capture_decoder
-    from ..graph.sources import load_model
+    from ..deploy.manifest import torch_dtype
+    from ..graph.cached_decoder import capture_decoder
 
-    info = read_adapter_config(meta["adapters"])
-    model = load_model(info["base_model"]).model.to(DTYPES[meta["dtype"]])
-    gm, _ = capture_decoder(model, DTYPES[meta["dtype"]])
-    gm = transform(gm, config_from_file(info))
-    load_adapters(gm, meta["adapters"])
-    set_adapters_training(gm, False)
-    return torch_runner(gm, *cache_geometry(model.config), dtype=DTYPES[meta["dtype"]])
+    dtype = torch_dtype(manifest.dtype)
+    info, loaded = read_run(manifest.adapters)
+    gm, _ = capture_decoder(loaded.model.to(dtype), dtype)
+    gm = apply_run_adapters(gm, manifest.adapters, info)
+    return torch_runner(gm, manifest.num_layers, manifest.num_kv_heads, manifest.head_dim, dtype=dtype)
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def ort_runner(gen) -> Runner:
 
 
 def torch_runner(gm, layers: int, kv_heads: int, head_dim: int, dtype=torch.float32) -> Runner:
-    """A runner over a captured decoder GraphModule (``malora_fx.deploy.onnx_export.capture_decoder``)."""
+    """A runner over a captured decoder GraphModule (``malora_fx.graph.cached_decoder.capture_decoder``)."""
     @torch.no_grad()
     def run(ids, mask, positions, past):
         if past is None:

@@ -58,7 +58,8 @@ def convert_peft(peft_dir: str | Path, out_dir: str | Path, base_model: str) -> 
         "shared_rank": None, "alpha": alpha, "beta": 1.0, "dropout": float(config.get("lora_dropout") or 0.0),
         "normalize_top_k": False, "aux_loss_coef": 0.0, "seed": 0,
         "targets": "re:" + "|".join(re.escape(f) for f in sites), "sites": sites,
-        "imported_from": {"peft_dir": str(peft_dir.resolve()), "base_model_name_or_path": config.get("base_model_name_or_path")},
+        "imported_from": {"peft_dir": str(peft_dir.resolve()),
+                          "base_model_name_or_path": config.get("base_model_name_or_path")},
     }
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})

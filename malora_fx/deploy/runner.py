@@ -6,18 +6,20 @@ which. ``generate`` prefills the prompt once, then feeds one token at a time
 with the cache (``present.*`` → ``past_key_values.*``). Sampling: greedy at
 temperature 0, otherwise temperature + top-p with a seeded NumPy generator.
 ``adapter=`` activates an ``.onnx_adapter`` file for the run
-(``RunOptions.add_active_adapter``).
+(``RunOptions.add_active_adapter``). What the export holds comes from its
+``export.json`` (:class:`~malora_fx.deploy.manifest.ExportManifest`,
+:func:`read_export`).
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..errors import MaloraError
+from .manifest import EXPORT_JSON, ExportManifest
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -38,11 +40,12 @@ def choose_provider(provider: str) -> str:
     return "CUDAExecutionProvider"
 
 
-def read_export(export_dir: str | Path) -> dict:
+def read_export(export_dir: str | Path) -> ExportManifest:
+    """The manifest of an export directory; fails unless it holds ``model.onnx`` and ``export.json``."""
     directory = Path(export_dir)
-    if not (directory / "model.onnx").is_file() or not (directory / "export.json").is_file():
+    if not (directory / "model.onnx").is_file() or not (directory / EXPORT_JSON).is_file():
         raise MaloraError(f"{export_dir}: no model.onnx / export.json (not a malora-fx export directory)")
-    return json.loads((directory / "export.json").read_text())
+    return ExportManifest.read(directory)
 
 
 class OrtGenerator:
@@ -53,23 +56,24 @@ class OrtGenerator:
         from transformers import AutoTokenizer
 
         self.dir = Path(export_dir)
-        self.meta = read_export(self.dir)
+        self.manifest = read_export(self.dir)
         self.provider = choose_provider(provider)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # overridable adapter initializers are intended; keep ORT quiet about them
         self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=[self.provider])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
-        self.dtype = _NP_DTYPES[self.meta["dtype"]]
+        self.dtype = _NP_DTYPES[self.manifest.dtype]
         self._loaded_adapters: dict[str, object] = {}
 
     @property
     def is_decoder(self) -> bool:
-        return bool(self.meta.get("kv_cache"))
+        return self.manifest.kv_cache
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.meta["num_kv_heads"], 0, self.meta["head_dim"])
-        return {name: np.zeros(shape, self.dtype) for name in self.meta["inputs"] if name.startswith("past_key_values.")}
+        shape = (batch, self.manifest.num_kv_heads, 0, self.manifest.head_dim)
+        return {name: np.zeros(shape, self.dtype) for name in self.manifest.inputs
+                if name.startswith("past_key_values.")}
 
     def run_options(self, adapter: str | Path | None):
         import onnxruntime as ort
@@ -94,7 +98,7 @@ class OrtGenerator:
         """Fail unless every tensor of the adapter file is an overridable input of this export."""
         import onnxruntime as ort
 
-        expected = self.meta.get("adapter_parameters") or {}
+        expected = {name: list(shape) for name, shape in self.manifest.adapter_parameters.items()}
         if not expected:
             raise MaloraError(f"--adapter: {self.dir} was not exported with --switchable; adapters cannot be swapped")
         try:
@@ -118,7 +122,7 @@ class OrtGenerator:
             outputs = self.session.run(None, feeds, options)
         except Exception as exc:  # onnxruntime raises its own types; surface them as one line
             raise MaloraError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
-        result = dict(zip(self.output_names, outputs))
+        result = dict(zip(self.output_names, outputs, strict=True))
         new_past = {name.replace("present.", "past_key_values.", 1): value
                     for name, value in result.items() if name.startswith("present.")}
         return result["logits"], new_past
@@ -129,7 +133,7 @@ class OrtGenerator:
         """Yield generated token ids one by one (stop tokens are not yielded)."""
         if not self.is_decoder:
             raise MaloraError(f"{self.dir}: generation needs a decoder export with a KV cache")
-        limit = self.meta.get("max_positions") or 0
+        limit = self.manifest.max_positions or 0
         if limit and len(prompt_ids) + max_new_tokens > limit:
             raise MaloraError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
                               f"model's context of {limit} positions")

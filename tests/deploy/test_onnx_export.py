@@ -11,6 +11,7 @@ from conftest import METHODS, randomize_adapters, small_config, tiny
 import malora_fx as mf
 from malora_fx.adapters.run_dir import load_run
 from malora_fx.cli import main
+from malora_fx.deploy.manifest import EXPORT_FORMAT, ExportManifest
 from malora_fx.deploy.onnx_export import export_run
 from malora_fx.deploy.runner import OrtGenerator
 from malora_fx.train.evaluate import greedy_generate
@@ -36,6 +37,13 @@ def test_decoder_export_matches_pytorch(method, tmp_path):
                       "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
     assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     assert not any(n.domain == "com.microsoft" for n in model.graph.node)
+    manifest = ExportManifest.read(out)  # export.json parses, and is exactly what the manifest writes
+    assert (out / "export.json").read_text() == manifest.to_json()
+    assert (manifest.format, manifest.kind, manifest.method, manifest.kv_cache) == \
+        (EXPORT_FORMAT, "decoder", method, True)
+    assert (manifest.inputs, manifest.outputs) == (tuple(inputs), tuple(outputs))
+    assert (manifest.num_layers, manifest.num_kv_heads, manifest.head_dim) == (2, 2, 16)
+    assert manifest.adapters == str(run.resolve())
 
     gen = OrtGenerator(out, "cpu")
     gm, _ = load_run(str(run))
@@ -61,6 +69,8 @@ def test_encoder_export_and_base_only(tmp_path):
     meta = json.loads((out / "export.json").read_text())
     assert meta["kind"] == "encoder" and not meta["kv_cache"]
     assert meta["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert "num_layers" not in meta  # decoder keys only for KV-cache exports
+    assert ExportManifest.read(out).to_dict() == meta
     import onnxruntime as ort
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(1).integers(0, 258, size=(3, 5))
@@ -114,7 +124,8 @@ def test_one_session_serves_two_adapter_files(method, tmp_path):
     mf.save_adapters(gm_b, tmp_path / "b", base_model="tiny-llama")
     assert main(["export", str(run_a), "--out", str(tmp_path / "served"), "--switchable"]) == 0
     for name in ("a", "b"):
-        assert main(["export", str(tmp_path / name), "--adapter-only", "--out", str(tmp_path / f"{name}.onnx_adapter")]) == 0
+        adapter = str(tmp_path / f"{name}.onnx_adapter")
+        assert main(["export", str(tmp_path / name), "--adapter-only", "--out", adapter]) == 0
     served = OrtGenerator(tmp_path / "served", "cpu")
     ids = np.random.default_rng(3).integers(0, 258, size=(2, 6))
     for name in ("a", "b"):
@@ -174,7 +185,7 @@ def test_fp16_and_no_cache_exports(tmp_path):
 
 
 def test_external_data_above_the_size_limit(tmp_path, monkeypatch):
-    from malora_fx import onnx_export
+    from malora_fx.deploy import onnx_export
 
     run = make_run(tmp_path / "run", "tiny-llama", "malora")
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the model were over 2 GB

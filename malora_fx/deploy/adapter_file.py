@@ -1,0 +1,68 @@
+"""onnxruntime ``.onnx_adapter`` files: a run's adapter tensors for a switchable export.
+
+A switchable export (``export_run(..., switchable=True)``) keeps every lowered
+adapter tensor as its own initializer named ``malora_lowered.<buffer>`` and
+also declares it a graph input (:func:`make_initializers_overridable`), so
+onnxruntime lets a run override it. :func:`adapter_parameters` lists those
+names with their shapes (recorded in ``export.json``). :func:`export_adapter`
+writes another run's tensors under the same names, in onnxruntime's adapter
+format, atomically; the runner checks a file against ``export.json`` before
+activating it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import fx
+
+from ..adapters.run_dir import apply_run_adapters, read_run
+from ..fileio import atomic_write
+from ..graph.cached_decoder import capture_decoder, is_decoder
+from ..graph.capture import capture, default_example_kwargs
+from ..passes import LOWERED_ATTR
+from .manifest import torch_dtype
+from .merge_lower import lower
+
+
+def adapter_parameters(gm: fx.GraphModule) -> dict[str, list[int]]:
+    """``{onnx initializer name: shape}`` of the lowered adapter tensors."""
+    container = getattr(gm, LOWERED_ATTR, None)
+    if container is None:
+        return {}
+    return {f"{LOWERED_ATTR}.{name}": list(t.shape) for name, t in container.named_buffers()}
+
+
+def export_adapter(run_dir: str | os.PathLike, out_file: str | os.PathLike, *, dtype: str = "fp32") -> Path:
+    """Write RUN_DIR's adapters as an onnxruntime ``.onnx_adapter`` file for a switchable export."""
+    import onnxruntime as ort
+
+    dt = torch_dtype(dtype)
+    info, loaded = read_run(run_dir)
+    model = loaded.model.to(dt).eval()
+    gm = capture_decoder(model, dt)[0] if is_decoder(model) else capture(model, default_example_kwargs(model))
+    gm = lower(apply_run_adapters(gm, run_dir, info), fold_lora=False, fuse=True)
+    gm.to(dt)
+    params = {f"{LOWERED_ATTR}.{name}": ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().numpy())
+              for name, t in getattr(gm, LOWERED_ATTR).named_buffers()}
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(params)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_file, lambda tmp: adapter.export_adapter(str(tmp)))
+    return out_file
+
+
+def make_initializers_overridable(path: Path, names: set[str]) -> None:
+    """Declare the initializers ``names`` as graph inputs too (onnxruntime lets a run override them)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    present = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.name in names and init.name not in present:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    onnx.save(model, str(path))
