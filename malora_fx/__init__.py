@@ -1,46 +1,61 @@
 """malora-fx: insert, train, fold, lower and export MALoRA adapters with graph passes.
 
-Public API (a contract; see README.md for examples):
+Public API (a contract; see README.md for examples), by pipeline stage:
 
-    capture(model, example_kwargs) -> GraphModule
-    MALoRAConfig(method, targets, num_experts, top_k, rank, shared_rank, alpha,
-                 beta, dropout, normalize_top_k, aux_loss_coef, seed)
-    transform(model, config, example_kwargs=...) -> GraphModule
-    aux_loss(gm, attention_mask=None)
-    trainable_parameters(gm)
-    set_adapters_training(gm, training)
-    save_adapters(gm, dir) / load_adapters(gm, dir)
-    merge(gm) / lower(gm) / export_onnx(gm, out_dir, example_kwargs)
-    export_run(run_dir, out_dir)   (a run directory's base model + adapters, with KV cache)
-    load_model(source) / fetch(name)
+    graph      load_model(source) / fetch(name)
+               capture(model, example_kwargs) -> GraphModule
+               capture_decoder(model) -> (GraphModule with a KV cache, example inputs)
+    adapters   MALoRAConfig(method, targets, num_experts, top_k, rank, shared_rank, alpha,
+                            beta, dropout, normalize_top_k, aux_loss_coef, seed)
+               transform(model, config, example_kwargs=...) -> GraphModule;  plan(model, config)
+               aux_loss(gm, attention_mask=None) / trainable_parameters(gm) / set_adapters_training(gm, training)
+               adapter_layers(gm) / get_config(gm)
+               save_adapters(gm, dir) / load_adapters(gm, dir) / read_adapter_config(dir) / load_run(run_dir)
+    train      train(run_dir_or_gm, data, TrainArgs(...)) -> TrainResult;  write_suite(suite, out_dir, ...)
+               evaluate(logits_fn, tokenizer, examples) / expert_load(gm, tokenizer, examples)
+    deploy     merge(gm) / lower(gm) / export_onnx(gm, out_dir, example_kwargs)
+               export_run(run_dir, out_dir) / export_decoder_graph(gm, example, config, out_dir)
+               export_adapter(run_dir, file) / ExportManifest.read(export_dir) / OrtGenerator(export_dir)
+
+The stages live in ``malora_fx.graph``, ``malora_fx.adapters``,
+``malora_fx.train`` and ``malora_fx.deploy``; the graph passes in
+``malora_fx.passes``. docs/architecture.md says which file owns what.
 """
 
 from . import passes as _passes  # noqa: F401  (malora_fx.passes is the top-level passes/ folder)
 from .adapters.config import MALoRAConfig
 from .adapters.files import load_adapters, read_adapter_config, save_adapters
+from .adapters.run_dir import load_run
 from .adapters.transform import (
     adapter_layers,
     aux_loss,
     get_config,
+    plan,
     set_adapters_training,
     trainable_parameters,
     transform,
 )
+from .deploy.adapter_file import export_adapter
+from .deploy.manifest import ExportManifest
 from .deploy.merge_lower import lower, merge
-from .deploy.onnx_export import export_onnx, export_run
-from .errors import (
-    AdapterFileError,
-    ConfigError,
-    MaloraError,
-    ModelSourceError,
-    TargetError,
-)
+from .deploy.onnx_export import export_decoder_graph, export_onnx, export_run
+from .deploy.runner import OrtGenerator
+from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError, TargetError
+from .graph.cached_decoder import capture_decoder
 from .graph.capture import capture
 from .graph.sources import fetch, load_model
+from .train.args import TrainArgs
+from .train.evaluate import evaluate
+from .train.loop import TrainResult, train
+from .train.routing_report import expert_load
+from .train.suites import write_suite
 
 __all__ = [
-    "AdapterFileError", "ConfigError", "MALoRAConfig", "MaloraError", "ModelSourceError", "TargetError",
-    "adapter_layers", "aux_loss", "capture", "fetch", "get_config", "load_adapters", "load_model", "export_onnx", "export_run", "lower", "merge",
-    "read_adapter_config", "save_adapters", "set_adapters_training", "trainable_parameters", "transform",
+    "AdapterFileError", "ConfigError", "ExportManifest", "MALoRAConfig", "MaloraError", "ModelSourceError",
+    "OrtGenerator", "TargetError", "TrainArgs", "TrainResult",
+    "adapter_layers", "aux_loss", "capture", "capture_decoder", "evaluate", "expert_load", "export_adapter",
+    "export_decoder_graph", "export_onnx", "export_run", "fetch", "get_config", "load_adapters", "load_model",
+    "load_run", "lower", "merge", "plan", "read_adapter_config", "save_adapters", "set_adapters_training",
+    "train", "trainable_parameters", "transform", "write_suite",
 ]
 __version__ = "0.1.0"

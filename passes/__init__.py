@@ -85,6 +85,8 @@ class GraphPass(Protocol):
 
     def ensures(self, gm: fx.GraphModule) -> None: ...
 
+    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
+
 
 class BasePass:
     """Default no-op ``requires`` / ``ensures`` and the call protocol."""

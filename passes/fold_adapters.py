@@ -71,7 +71,7 @@ class FoldAdapters(BasePass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         matches = 0
         for site, call, add in adapted_site_calls(gm):
-            layer = gm.get_submodule(call.target)
+            layer = gm.get_submodule(str(call.target))
             if isinstance(layer, LoRALayer):
                 if not self.fold_lora:
                     continue

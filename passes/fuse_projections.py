@@ -9,7 +9,7 @@ multiply ``x`` by a constant 2-D weight held by the module:
 with the same dtype and input width. In a lowered decoder layer these are
 q/k/v with their routers and shared down-projections ``S_A``, and
 gate/up with theirs; at a single adapted site, ``W``, ``W_g`` and ``S_A``
-(DESIGN §3).
+(see docs/method.md, 'Fusion').
 
 Produces, per group, with the concatenated weight stored as one buffer
 ``gm.malora_fused.<name>`` ([in, Σ out])::
@@ -40,6 +40,7 @@ Ensures: no two fusable projections share an input; running again matches nothin
 from __future__ import annotations
 
 import operator
+from typing import cast
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ class Projection:
     @property
     def targets(self) -> set[str]:
         """The get_attr targets this projection reads (weight, and bias when present)."""
-        return {a.target for a in self.node.args[1:] if isinstance(a, fx.Node)}
+        return {str(a.target) for a in self.node.args[1:] if isinstance(a, fx.Node)}
 
     @property
     def out_features(self) -> int:
@@ -126,12 +127,12 @@ class FuseProjections(BasePass):
             weight, bias = _constant(gm, node.args[1]), _constant(gm, node.args[2]) if len(node.args) == 3 else None
             if weight is None or (len(node.args) == 3 and node.args[2] is not None and bias is None):
                 return None
-            weight_t = weight.T
+            weight_t: torch.Tensor | None = weight.T
         elif node.target is aten.matmul.default and len(node.args) == 2:
             weight_t, bias = _constant(gm, node.args[1]), None
         else:
             return None
-        if weight_t is None or weight_t.dim() != 2 or node.args[1].target.startswith(self.keep_separate):
+        if weight_t is None or weight_t.dim() != 2 or _target(node.args[1]).startswith(self.keep_separate):
             return None
         return Projection(node, weight_t, bias)
 
@@ -140,20 +141,25 @@ def _constant(gm: fx.GraphModule, arg) -> torch.Tensor | None:
     """The tensor behind a ``get_attr`` argument, else None."""
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
-    return attr_tensor(gm, arg.target)
+    return attr_tensor(gm, str(arg.target))
+
+
+def _target(arg) -> str:
+    """The ``get_attr`` target of an argument node."""
+    return str(arg.target) if isinstance(arg, fx.Node) else ""
 
 
 @torch.no_grad()
 def _fuse(gm: fx.GraphModule, group: list[Projection], earliest: fx.Node) -> None:
     """Replace ``group`` by one GEMM + split, inserted before ``earliest``, its first member in graph order."""
     first = group[0].node
-    x = first.args[0]
+    x = cast(fx.Node, first.args[0])
     fake_mode = fake_mode_of(x)
     weight = torch.cat([p.weight_t for p in group], dim=1)
     bias = None
     if any(p.bias is not None for p in group):
         bias = torch.cat([p.bias if p.bias is not None else weight.new_zeros(p.out_features) for p in group])
-    name = f"{first.args[1].target.replace('.', '_')}__x{len(group)}"
+    name = f"{_target(first.args[1]).replace('.', '_')}__x{len(group)}"
     graph = gm.graph
     with graph.inserting_before(earliest):
         out = emit(graph, aten.matmul.default, (x, attach_buffer(gm, FUSED_ATTR, name, weight, fake_mode)),

@@ -51,7 +51,7 @@ class InsertAdapters(BasePass):
         self.config = config
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if self.config.method != "malora":
+        if self.config.shared_rank is None:  # only MALoRA has a shared rank
             return
         for target in _targets(gm):
             if self.config.shared_rank > target.in_features:

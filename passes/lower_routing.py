@@ -5,7 +5,7 @@ Matches: ``call_module`` nodes of a :class:`malora_fx.adapters.folded.FoldedMixt
 weight (``FoldAdapters(fold_lora=False)``, for switchable exports), which
 become ``(x @ Aᵀ) @ (s·B)ᵀ``.
 
-Produces (DESIGN §3), with the weights as buffers under ``gm.malora_lowered``::
+Produces (see docs/method.md, 'Lowering'), with the weights as buffers under ``gm.malora_lowered``::
 
     logits = x @ W_gᵀ                             # [..., N]
     probs  = softmax(logits, -1)
@@ -40,6 +40,7 @@ Requires: folded adapters (run fold_adapters first). Ensures: no
 from __future__ import annotations
 
 import operator
+from typing import cast
 
 import torch
 from torch import fx
@@ -76,8 +77,9 @@ class LowerRouting(BasePass):
         calls = [n for n in gm.graph.nodes
                  if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (FoldedMixture, LoRALayer))]
         for call in calls:
-            lowering = _Lowering(gm, call, gm.get_submodule(call.target))
-            lowering.run_lora() if isinstance(lowering.folded, LoRALayer) else lowering.run()
+            module = gm.get_submodule(call.target)
+            lowering = _Lowering(gm, call, module)  # type: ignore[arg-type]  # filtered above
+            lowering.run_lora() if isinstance(module, LoRALayer) else lowering.run()
         if calls:
             for attr in (FOLDED_ATTR, ADAPTERS_ATTR):
                 if hasattr(gm, attr):
@@ -93,15 +95,17 @@ class LowerRouting(BasePass):
 class _Lowering:
     """Emit the static ops of one folded adapter right before its call node."""
 
-    def __init__(self, gm: fx.GraphModule, call: fx.Node, folded: FoldedMixture) -> None:
+    def __init__(self, gm: fx.GraphModule, call: fx.Node, folded: FoldedMixture | LoRALayer) -> None:
         self.gm, self.call, self.folded = gm, call, folded
         self.graph = gm.graph
-        self.prefix = call.target.rsplit(".", 1)[-1]
-        self.fake_mode = fake_mode_of(call.args[0])
+        self.x = cast(fx.Node, call.args[0])
+        self.prefix = str(call.target).rsplit(".", 1)[-1]
+        self.fake_mode = fake_mode_of(self.x)
+        self.dtype = folded.up.dtype if isinstance(folded, FoldedMixture) else folded.B.dtype
 
     def run(self) -> None:
-        f = self.folded
-        x = self.call.args[0]
+        f = cast(FoldedMixture, self.folded)
+        x = self.x
         n, r = f.num_experts, f.expert_rank
         with self.graph.inserting_before(self.call):
             probs = self.op(aten.softmax.int, self.matmul(x, "router", f.router), -1)
@@ -125,9 +129,9 @@ class _Lowering:
     @torch.no_grad()
     def run_lora(self) -> None:
         """A LoRA site kept out of the base weight (switchable export): ``(x @ Aᵀ) @ (s·B)ᵀ``."""
-        lora = self.folded
+        lora = cast(LoRALayer, self.folded)
         with self.graph.inserting_before(self.call):
-            out = self.matmul(self.matmul(self.call.args[0], "down", lora.A), "up", lora.B * lora.scale)
+            out = self.matmul(self.matmul(self.x, "down", lora.A), "up", lora.B * lora.scale)
         self.call.replace_all_uses_with(out)
         self.graph.erase_node(self.call)
 
@@ -143,7 +147,7 @@ class _Lowering:
         """A fixed 0/1 matrix shared by every site of its shape (not an adapter tensor)."""
         if hasattr(getattr(self.gm, CONSTANTS_ATTR, None), name):
             return read_attr(self.gm, f"{CONSTANTS_ATTR}.{name}", self.fake_mode)
-        return attach_buffer(self.gm, CONSTANTS_ATTR, name, tensor.to(self.folded.up.dtype), self.fake_mode)
+        return attach_buffer(self.gm, CONSTANTS_ATTR, name, tensor.to(self.dtype), self.fake_mode)
 
     def op(self, target, *args) -> fx.Node:
         return emit(self.graph, target, args, self.call, LowerRouting.name, self.fake_mode)

@@ -1,4 +1,4 @@
-"""An independent eager reference of DESIGN §2, written token by token.
+"""An independent eager reference of the formulas in docs/method.md, written token by token.
 
 Nothing here uses malora_fx.adapters.layers: each update is computed straight from the
 formulas with an explicit loop over tokens and chosen experts, then added to the

@@ -1,4 +1,4 @@
-"""Trainable-parameter accounting: DESIGN §2 formulas per site and method."""
+"""Trainable-parameter accounting per site and method (see docs/method.md, 'Trainable parameters')."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def site_parameters(method: str, n: int, m: int, *, num_experts: int, rank: int,
     """
     big_n, r = num_experts, rank
     if method == "malora":
+        if shared_rank is None:
+            raise ValueError("shared_rank: required for method 'malora'")
         d = shared_rank
         return d * n + big_n * r * d + big_n * r * m + big_n * n
     if method == "molora":

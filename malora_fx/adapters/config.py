@@ -3,7 +3,8 @@
 One config describes every adapted site of a model. ``rank`` is the expert rank:
 ``r`` for LoRA / MoLoRA / HydraLoRA and ``r̄`` for MALoRA; ``shared_rank`` is
 MALoRA's shared subspace rank ``d`` and is only meaningful for ``malora``.
-Unset values resolve to the paper's defaults (DESIGN §2): MALoRA r̄=12, d=32,
+Unset values resolve to the paper's defaults (see docs/method.md, 'Ranks and
+defaults'): MALoRA r̄=12, d=32,
 MoLoRA / HydraLoRA r=8, LoRA r=64, and ``alpha = 2 * rank`` (scale 2).
 """
 
@@ -77,9 +78,10 @@ class MALoRAConfig:
     targets: Any = ALL_LINEAR
     num_experts: int = dataclasses.field(default=8, metadata={"flag": "--experts"})
     top_k: int = 2
-    rank: int | None = None
+    # None is resolved to the method's default in __post_init__, so after construction these are always set.
+    rank: int = None  # type: ignore[assignment]
     shared_rank: int | None = None
-    alpha: float | None = None
+    alpha: float = None  # type: ignore[assignment]
     beta: float = 1.0
     dropout: float = 0.0
     normalize_top_k: bool = False

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import fx, nn
 
 from ..errors import AdapterFileError
 from ..fileio import atomic_write
@@ -39,7 +39,7 @@ _CONFIG_KEYS = ("method", "num_experts", "top_k", "rank", "shared_rank", "alpha"
                 "normalize_top_k", "aux_loss_coef", "seed", "targets")
 
 
-def adapter_config_dict(gm: nn.Module, base_model: str | None = None) -> dict[str, Any]:
+def adapter_config_dict(gm: fx.GraphModule, base_model: str | None = None) -> dict[str, Any]:
     """The ``adapter_config.json`` content for the adapters of ``gm``."""
     config = get_config(gm)
     data = config.to_dict()
@@ -60,7 +60,7 @@ def adapter_state_dict(gm: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_adapters(gm: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
+def save_adapters(gm: fx.GraphModule, directory: str | os.PathLike, base_model: str | None = None) -> Path:
     """Write the adapters of ``gm`` to ``directory`` (created if needed).
 
     Example:
@@ -95,7 +95,7 @@ def config_from_file(data: dict[str, Any]) -> MALoRAConfig:
     return MALoRAConfig.from_dict({k: data.get(k) for k in _CONFIG_KEYS if k in data})
 
 
-def load_adapters(gm: nn.Module, directory: str | os.PathLike) -> None:
+def load_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> None:
     """Load adapter files into the adapters of ``gm`` (in place).
 
     Method, site list and every tensor shape must match ``gm``; the first

@@ -16,10 +16,12 @@ it exactly:
 
 MALoRA folds ``P`` into ``B`` when that costs fewer multiply-adds per token:
 ``N·d·m`` (folded) against ``N·r̄·d + N·r̄·m`` (kept) — always when d ≤ r̄
-(DESIGN §3), and never at the paper's r̄=12, d=32.
+(see docs/method.md, 'Merge'), and never at the paper's r̄=12, d=32 once m ≥ 20.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +36,11 @@ def fold_malora_coefficients(num_experts: int, rank: int, shared_rank: int, out_
 
 class FoldedMixture(nn.Module):
     """A routed adapter with its scale (and possibly MALoRA's P) folded in; no trainable parameters."""
+
+    router: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor | None
+    expert_down: torch.Tensor | None
 
     def __init__(self, fqn: str, router: torch.Tensor, up: torch.Tensor, *, top_k: int, normalize_top_k: bool,
                  down: torch.Tensor | None = None, expert_down: torch.Tensor | None = None) -> None:
@@ -75,7 +82,7 @@ class FoldedMixture(nn.Module):
 @torch.no_grad()
 def fold_mixture(layer: MixtureLayer) -> FoldedMixture:
     """The folded equivalent of a trained routed layer (exact up to rounding)."""
-    common = dict(top_k=layer.top_k, normalize_top_k=layer.normalize_top_k)
+    common: dict[str, Any] = dict(top_k=layer.top_k, normalize_top_k=layer.normalize_top_k)
     scaled_b = layer.B * layer.scale
     if isinstance(layer, MoLoRALayer):
         return FoldedMixture(layer.fqn, layer.router, scaled_b, expert_down=layer.A, **common)

@@ -2,7 +2,8 @@
 
 Each layer maps the input ``x`` of a linear site ``y = W x + b`` (shape
 ``[..., n]``) to the additive update ``Δy`` (shape ``[..., m]``); the insertion
-pass wires ``y + Δy`` into the graph. DESIGN §2 formulas, with ``s = alpha/rank``:
+pass wires ``y + Δy`` into the graph. The formulas (see docs/method.md, 'The four
+methods'), with ``s = alpha/rank``:
 
     lora       Δy = s · B A x
     molora     Δy = s · Σ_t G_t(x) B_t A_t x
@@ -134,6 +135,8 @@ class AdapterLayer(nn.Module):
 class LoRALayer(AdapterLayer):
     """Plain LoRA: ``Δy = s · B A x`` with ``A ∈ [r, n]`` (Kaiming) and ``B ∈ [m, r]`` (zero)."""
 
+    A: nn.Parameter
+    B: nn.Parameter
     method = "lora"
 
     def __init__(self, in_features: int, out_features: int, config: MALoRAConfig, fqn: str) -> None:
@@ -158,6 +161,9 @@ class MixtureLayer(AdapterLayer):
     un-dropped input. The last forward's router statistics are kept for
     :meth:`aux_loss`.
     """
+
+    B: nn.Parameter
+    router: nn.Parameter
 
     def __init__(self, in_features: int, out_features: int, config: MALoRAConfig, fqn: str) -> None:
         super().__init__(in_features, out_features, config, fqn)
@@ -201,6 +207,7 @@ class MixtureLayer(AdapterLayer):
 class MoLoRALayer(MixtureLayer):
     """MoLoRA: N independent LoRA experts, ``A ∈ [N, r, n]`` (Kaiming), ``B ∈ [N, m, r]``."""
 
+    A: nn.Parameter
     method = "molora"
 
     def __init__(self, in_features, out_features, config, fqn):
@@ -221,6 +228,7 @@ class MoLoRALayer(MixtureLayer):
 class HydraLoRALayer(MixtureLayer):
     """HydraLoRA: one shared ``A ∈ [r, n]`` and per-expert ``B ∈ [N, m, r]``."""
 
+    A: nn.Parameter
     method = "hydralora"
 
     def __init__(self, in_features, out_features, config, fqn):
@@ -242,11 +250,14 @@ class HydraLoRALayer(MixtureLayer):
 class MALoRALayer(MixtureLayer):
     """MALoRA: shared ``S_A ∈ [d, n]``, per-expert ``P ∈ [N, r̄, d]`` and ``B ∈ [N, m, r̄]``.
 
-    ``S_A x`` is computed once for all experts. Initialisation (DESIGN §2): for
+    ``S_A x`` is computed once for all experts. Initialisation (see docs/method.md,
+    'Initialisation'): for
     each expert a Kaiming-uniform ``K_t ∈ [d, n]`` with SVD ``U_t Σ_t V_t``;
     ``P_t = (U_t Σ_t)[:r̄] / β`` (rows past d zero) and ``S_A = β V_0``.
     """
 
+    S: nn.Parameter
+    P: nn.Parameter
     method = "malora"
 
     def __init__(self, in_features, out_features, config, fqn):

@@ -25,7 +25,7 @@ T = TypeVar("T")
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line and exit with status 2."""
 
-    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 

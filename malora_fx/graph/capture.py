@@ -2,7 +2,8 @@
 
 * HuggingFace transformers models go through ``torch.export.export(...,
   strict=False)`` with the batch and sequence dimensions of every input marked
-  dynamic. The model is traced in eval mode with ``use_cache=False`` (DESIGN §5),
+  dynamic. The model is traced in eval mode with ``use_cache=False`` (see
+  docs/architecture.md, 'Capture'),
   so base-model dropout is not part of the graph; the caller's train/eval flag
   and config are restored afterwards.
 * Plain ``nn.Module``s go through ``torch.export`` too (every input dimension
@@ -52,7 +53,7 @@ def default_example_kwargs(model: nn.Module, batch: int = 2, seq: int = 8) -> di
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
     params = inspect.signature(model.forward).parameters
-    if "token_type_ids" in params and getattr(config, "type_vocab_size", 0):
+    if "token_type_ids" in params and getattr(config, "type_vocab_size", None):
         kwargs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long, device=device)
     return kwargs
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -67,7 +68,7 @@ def _module_sizes(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if _is_conv1d(module):
-        n, m = module.weight.shape
+        n, m = module.weight.shape  # type: ignore[misc]  # Conv1D stores [in, out]
         return int(n), int(m)
     return None
 
@@ -77,7 +78,10 @@ def _weight_sizes(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
     weight = node.args[1]
     val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
     if val is None and isinstance(weight, fx.Node) and weight.op == "get_attr":
-        val = gm.get_parameter(weight.target) if _has_param(gm, weight.target) else getattr(gm, weight.target)
+        target = str(weight.target)
+        val = gm.get_parameter(target) if _has_param(gm, target) else getattr(gm, target)
+    if val is None:
+        raise ValueError(f"{node.name}: the weight of this linear call has no known shape")
     m, n = val.shape
     return int(n), int(m)
 
@@ -105,7 +109,7 @@ def _conv1d_site(fqn: str, nodes: list[fx.Node]) -> LinearSite | None:
     n, m = _last_dim(inputs[0]), _last_dim(outputs[0])
     if n is None or m is None:
         return None
-    weights = [arg.target for node in nodes for arg in node.all_input_nodes
+    weights = [str(arg.target) for node in nodes for arg in node.all_input_nodes
                if arg.op == "get_attr" and getattr(arg.meta.get("val"), "shape", None) == (n, m)]
     return LinearSite(fqn, inputs[0], outputs[0], n, m, weights[0] if len(weights) == 1 else None, True)
 
@@ -120,8 +124,8 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             if top is None:
                 continue
             n, m = _weight_sizes(gm, node)
-            weight = node.args[1].target if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
-            sites.append(LinearSite(top[1], node.args[0], node, n, m, weight, False))
+            weight = str(node.args[1].target) if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
+            sites.append(LinearSite(top[1], cast(fx.Node, node.args[0]), node, n, m, weight, False))
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             sizes = _module_sizes(module)

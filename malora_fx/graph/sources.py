@@ -243,6 +243,8 @@ def tiny_model(name: str) -> nn.Module:
     """A small random transformers model, identical on every call (seed 0)."""
     import transformers
 
+    config: transformers.PretrainedConfig
+    model: nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if name == "tiny-llama":
