@@ -33,8 +33,9 @@ from .train.suites import check_answer, write_suite
 QUICK_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 
 
-def run_quickstart(model: str, out: str | Path, *, steps: int = 60, method: str = "malora",
-                   say: Callable[[str], None] | None = None) -> dict:
+def run_quickstart(
+    model: str, out: str | Path, *, steps: int = 60, method: str = "malora", say: Callable[[str], None] | None = None
+) -> dict:
     """Run every stage; return the summary (also written to ``out/quickstart.json``)."""
     say = say or (lambda m: print(f"malora-fx: {m}", file=sys.stderr, flush=True))
     out = Path(out)
@@ -61,17 +62,28 @@ def run_quickstart(model: str, out: str | Path, *, steps: int = 60, method: str 
     answer = _generate(gen, example.prompt)
     stage("checking PyTorch vs onnxruntime and timing against the base export")
     parity = _parity(out / "run", gen, [e.prompt for e in read_jsonl(paths["eval"])[:4]])
-    timings = benchmark({"base": ort_runner(OrtGenerator(base_export)), "malora": ort_runner(gen)},
-                        seq=64, new_tokens=16, repeats=3, vocab=1000)
+    timings = benchmark(
+        {"base": ort_runner(OrtGenerator(base_export)), "malora": ort_runner(gen)},
+        seq=64,
+        new_tokens=16,
+        repeats=3,
+        vocab=1000,
+    )
     summary = {
-        "model": model, "method": method, "trainable_parameters": trainable,
+        "model": model,
+        "method": method,
+        "trainable_parameters": trainable,
         "base_parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "final_train_loss": result.final_loss, "prompt": example.prompt, "expected": example.response,
-        "answer": answer, "correct": check_answer(example.response, answer),
+        "final_train_loss": result.final_loss,
+        "prompt": example.prompt,
+        "expected": example.response,
+        "answer": answer,
+        "correct": check_answer(example.response, answer),
         "max_abs_logit_diff_pytorch_vs_onnx": parity,
         "prefill_ratio_vs_base": timings["malora"].prefill / timings["base"].prefill,
         "decode_ratio_vs_base": timings["malora"].decode / timings["base"].decode,
-        "onnxruntime_provider": gen.provider, "seconds": time.perf_counter() - began,
+        "onnxruntime_provider": gen.provider,
+        "seconds": time.perf_counter() - began,
     }
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -88,11 +100,14 @@ class _Stages:
 
 def _generate(gen: OrtGenerator, prompt: str) -> str:
     tok = gen.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False) \
-        if getattr(tok, "chat_template", None) else prompt + "\n"
+    text = (
+        tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        if getattr(tok, "chat_template", None)
+        else prompt + "\n"
+    )
     ids = tok(text, add_special_tokens=False)["input_ids"]
     tokens = list(gen.generate(ids, max_new_tokens=16, stop_ids=stop_token_ids(tok)))
-    return tok.decode(tokens, skip_special_tokens=True)
+    return str(tok.decode(tokens, skip_special_tokens=True))
 
 
 @torch.no_grad()
@@ -109,12 +124,16 @@ def _parity(run_dir: Path, gen: OrtGenerator, prompts: list[str]) -> float:
 
 def format_summary(s: dict) -> str:
     rows = [
-        ("trainable parameters",
-         f"{s['trainable_parameters']:,} ({100 * s['trainable_parameters'] / s['base_parameters']:.2f}% of base)"),
+        (
+            "trainable parameters",
+            f"{s['trainable_parameters']:,} ({100 * s['trainable_parameters'] / s['base_parameters']:.2f}% of base)",
+        ),
         ("final training loss", f"{s['final_train_loss']:.4f}"),
         ("prompt", s["prompt"]),
-        ("onnxruntime answer",
-         f"{s['answer']!r} (expected {s['expected']!r}: {'correct' if s['correct'] else 'wrong'})"),
+        (
+            "onnxruntime answer",
+            f"{s['answer']!r} (expected {s['expected']!r}: {'correct' if s['correct'] else 'wrong'})",
+        ),
         ("parity PyTorch vs ONNX", f"max |Δlogit| = {s['max_abs_logit_diff_pytorch_vs_onnx']:.2e}"),
         ("prefill latency vs base", f"{s['prefill_ratio_vs_base']:.3f}x"),
         ("decode latency vs base", f"{s['decode_ratio_vs_base']:.3f}x per token"),

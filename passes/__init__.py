@@ -21,8 +21,9 @@ down in ``docs/method.md``; the stages around them in ``docs/architecture.md``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import fx, nn
@@ -135,14 +136,13 @@ def emit(graph: fx.Graph, target, args: tuple, source: fx.Node, pass_name: str, 
     node.meta.pop("tensor_meta", None)
     if fake_mode is not None:
         vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-        if not any(isinstance(a, fx.Node) and v is None for a, v in zip(args, vals)):
+        if not any(isinstance(a, fx.Node) and v is None for a, v in zip(args, vals, strict=True)):
             with fake_mode:
                 node.meta["val"] = target(*vals)
     return node
 
 
-def attach_buffer(gm: fx.GraphModule, container_attr: str, name: str, tensor: torch.Tensor,
-                  fake_mode=None) -> fx.Node:
+def attach_buffer(gm: fx.GraphModule, container_attr: str, name: str, tensor: torch.Tensor, fake_mode=None) -> fx.Node:
     """Store ``tensor`` (a contiguous copy) as buffer ``gm.<container_attr>.<name>``
     and return a ``get_attr`` node for it at the graph's insertion point."""
     container = getattr(gm, container_attr, None)

@@ -56,7 +56,7 @@ def selects(targets, fqn: str, output_heads: tuple[str, ...]) -> bool:
     if targets == ALL_LINEAR:
         return not any(fqn == head or fqn.endswith("." + head) for head in output_heads)
     if isinstance(targets, str) and targets.startswith(REGEX_PREFIX):
-        return re.fullmatch(targets[len(REGEX_PREFIX):], fqn) is not None
+        return re.fullmatch(targets[len(REGEX_PREFIX) :], fqn) is not None
     return any(fqn == suffix or fqn.endswith("." + suffix) for suffix in targets)
 
 

@@ -40,8 +40,8 @@ Ensures: no two fusable projections share an input; running again matches nothin
 from __future__ import annotations
 
 import operator
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import fx
@@ -100,7 +100,9 @@ class FuseProjections(BasePass):
     def ensures(self, gm: fx.GraphModule) -> None:
         left = self.fusable_groups(gm)
         if left:
-            raise AssertionError(f"fuse_projections left {len(left)} fusable group(s), e.g. reading {left[0][0].node.args[0]}")
+            raise AssertionError(
+                f"fuse_projections left {len(left)} fusable group(s), e.g. reading {left[0][0].node.args[0]}"
+            )
 
     def fusable_groups(self, gm: fx.GraphModule) -> list[list[Projection]]:
         """Groups (≥ 2) of projections reading the same node with the same dtype and width."""
@@ -117,7 +119,8 @@ class FuseProjections(BasePass):
 
     def wanted(self, group: list[Projection]) -> bool:
         return not self.only_groups_reading or any(
-            t.startswith(self.only_groups_reading) for p in group for t in p.targets)
+            t.startswith(self.only_groups_reading) for p in group for t in p.targets
+        )
 
     def projection(self, gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> Projection | None:
         """``node`` as a projection of ``x``, or None when it is not one (or must stay apart)."""
@@ -162,16 +165,36 @@ def _fuse(gm: fx.GraphModule, group: list[Projection], earliest: fx.Node) -> Non
     name = f"{_target(first.args[1]).replace('.', '_')}__x{len(group)}"
     graph = gm.graph
     with graph.inserting_before(earliest):
-        out = emit(graph, aten.matmul.default, (x, attach_buffer(gm, FUSED_ATTR, name, weight, fake_mode)),
-                   first, FuseProjections.name, fake_mode)
+        out = emit(
+            graph,
+            aten.matmul.default,
+            (x, attach_buffer(gm, FUSED_ATTR, name, weight, fake_mode)),
+            first,
+            FuseProjections.name,
+            fake_mode,
+        )
         if bias is not None:
-            out = emit(graph, aten.add.Tensor, (out, attach_buffer(gm, FUSED_ATTR, f"{name}_bias", bias, fake_mode)),
-                       first, FuseProjections.name, fake_mode)
-        parts = emit(graph, aten.split_with_sizes.default, (out, [p.out_features for p in group], -1),
-                     first, FuseProjections.name, fake_mode)
-        slices = [emit(graph, operator.getitem, (parts, i), p.node, FuseProjections.name, fake_mode)
-                  for i, p in enumerate(group)]
-    for proj, part in zip(group, slices):  # outside the block: the insertion point is one of these nodes
+            out = emit(
+                graph,
+                aten.add.Tensor,
+                (out, attach_buffer(gm, FUSED_ATTR, f"{name}_bias", bias, fake_mode)),
+                first,
+                FuseProjections.name,
+                fake_mode,
+            )
+        parts = emit(
+            graph,
+            aten.split_with_sizes.default,
+            (out, [p.out_features for p in group], -1),
+            first,
+            FuseProjections.name,
+            fake_mode,
+        )
+        slices = [
+            emit(graph, operator.getitem, (parts, i), p.node, FuseProjections.name, fake_mode)
+            for i, p in enumerate(group)
+        ]
+    for proj, part in zip(group, slices, strict=True):  # outside the block: the insertion point is one of these nodes
         proj.node.replace_all_uses_with(part)
         graph.erase_node(proj.node)
 

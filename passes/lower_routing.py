@@ -64,18 +64,29 @@ from . import (
 aten = torch.ops.aten
 
 # Every call_function target a lowered adapter may add.
-LOWERED_OPS = frozenset({
-    aten.matmul.default, aten.softmax.int, aten.topk.default, operator.getitem, aten.scatter.src, aten.mul.Tensor,
-    aten.sum.dim_IntList, aten.div.Tensor,
-})
+LOWERED_OPS = frozenset(
+    {
+        aten.matmul.default,
+        aten.softmax.int,
+        aten.topk.default,
+        operator.getitem,
+        aten.scatter.src,
+        aten.mul.Tensor,
+        aten.sum.dim_IntList,
+        aten.div.Tensor,
+    }
+)
 
 
 class LowerRouting(BasePass):
     name = "lower_routing"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        calls = [n for n in gm.graph.nodes
-                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (FoldedMixture, LoRALayer))]
+        calls = [
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (FoldedMixture, LoRALayer))
+        ]
         for call in calls:
             module = gm.get_submodule(call.target)
             lowering = _Lowering(gm, call, module)  # type: ignore[arg-type]  # filtered above

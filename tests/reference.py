@@ -12,8 +12,9 @@ import contextlib
 import torch
 
 
-def reference_update(method: str, t: dict[str, torch.Tensor], x: torch.Tensor, *, top_k: int, scale: float,
-                     normalize: bool) -> torch.Tensor:
+def reference_update(
+    method: str, t: dict[str, torch.Tensor], x: torch.Tensor, *, top_k: int, scale: float, normalize: bool
+) -> torch.Tensor:
     """Δy for every token of ``x`` ([..., n]) from the file tensors ``t`` of one site."""
     flat = x.reshape(-1, x.shape[-1]).double()
     t = {k: v.double() for k, v in t.items()}
@@ -28,7 +29,7 @@ def reference_update(method: str, t: dict[str, torch.Tensor], x: torch.Tensor, *
         if normalize:
             values = values / values.sum()
         delta = torch.zeros(m, dtype=torch.float64)
-        for gate, e in zip(values, experts):
+        for gate, e in zip(values, experts, strict=True):
             if method == "malora":
                 low = t["P"][e] @ (t["S"] @ token)
             elif method == "molora":
@@ -43,14 +44,22 @@ def reference_update(method: str, t: dict[str, torch.Tensor], x: torch.Tensor, *
 
 
 @contextlib.contextmanager
-def hooked_reference(model: torch.nn.Module, site_tensors: dict[str, dict[str, torch.Tensor]], *, method: str,
-                     top_k: int, scale: float, normalize: bool):
+def hooked_reference(
+    model: torch.nn.Module,
+    site_tensors: dict[str, dict[str, torch.Tensor]],
+    *,
+    method: str,
+    top_k: int,
+    scale: float,
+    normalize: bool,
+):
     """Within the block, ``model``'s adapted modules return ``y + reference Δy``."""
     handles = []
     for fqn, tensors in site_tensors.items():
+
         def hook(module, inputs, output, tensors=tensors):
-            return output + reference_update(method, tensors, inputs[0], top_k=top_k, scale=scale,
-                                             normalize=normalize)
+            return output + reference_update(method, tensors, inputs[0], top_k=top_k, scale=scale, normalize=normalize)
+
         handles.append(model.get_submodule(fqn).register_forward_hook(hook))
     try:
         yield model

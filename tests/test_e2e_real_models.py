@@ -20,16 +20,19 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def smol_batch(smollm2):
     tok = smollm2.tokenizer
-    texts = ["The capital of France is Paris. The capital of Italy is Rome.",
-             "Two plus two equals four, and three plus three equals six."]
+    texts = [
+        "The capital of France is Paris. The capital of Italy is Rome.",
+        "Two plus two equals four, and three plus three equals six.",
+    ]
     enc = tok(texts, return_tensors="pt", padding=True)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 @pytest.fixture(scope="module")
 def smol_graph(smollm2, smol_batch):
-    return mf.transform(smollm2.model, mf.MALoRAConfig(targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"),
-                        smol_batch)
+    return mf.transform(
+        smollm2.model, mf.MALoRAConfig(targets="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"), smol_batch
+    )
 
 
 def test_smollm2_output_equals_base_at_init(smollm2, smol_batch, smol_graph):
@@ -76,8 +79,22 @@ def test_smollm2_random_adapters_change_output_but_dynamic_shapes_hold(smol_grap
 
 def test_cli_transform_smollm2(tmp_path, capsys):
     out_dir = tmp_path / "smol"
-    assert main(["transform", "smollm2-135m", "--out", str(out_dir), "--json",
-                 "--targets", "q_proj,v_proj", "--method", "molora"]) == 0
+    assert (
+        main(
+            [
+                "transform",
+                "smollm2-135m",
+                "--out",
+                str(out_dir),
+                "--json",
+                "--targets",
+                "q_proj,v_proj",
+                "--method",
+                "molora",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["base_parameters"] == 134_515_008 and len(summary["sites"]) == 60
     config = mf.read_adapter_config(out_dir)
@@ -106,13 +123,19 @@ def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
     mf.save_adapters(gm, tmp_path / "run", base_model="smollm2-135m")
     gen = OrtGenerator(export_run(tmp_path / "run", tmp_path / "export"), "cpu")
     tok = gen.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     ort_tokens = list(gen.generate(prompt, max_new_tokens=32))
     adapted, _ = load_run(str(tmp_path / "run"))
-    pt_tokens = greedy_generate(lambda i, m: adapted(input_ids=i, attention_mask=m).logits, [prompt],
-                                max_new_tokens=32, stop_ids=set(), pad_id=tok.pad_token_id or 0)[0]
+    pt_tokens = greedy_generate(
+        lambda i, m: adapted(input_ids=i, attention_mask=m).logits,
+        [prompt],
+        max_new_tokens=32,
+        stop_ids=set(),
+        pad_id=tok.pad_token_id or 0,
+    )[0]
     assert ort_tokens == pt_tokens
     ids = np.asarray([prompt], dtype=np.int64)
     logits, _ = gen.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], gen.empty_past(1))

@@ -96,8 +96,13 @@ def export_variants(args, work: Path, tokenizer, model) -> dict[str, Path]:
 
 def _options(args) -> dict:
     """What an export in --workdir depends on: reused only when these match."""
-    return {"model": args.model, "layers": args.layers, "targets": args.targets, "method": args.method,
-            "seed": args.seed}
+    return {
+        "model": args.model,
+        "layers": args.layers,
+        "targets": args.targets,
+        "method": args.method,
+        "seed": args.seed,
+    }
 
 
 def _made_with(export_dir: Path) -> dict | None:
@@ -117,8 +122,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", default=None,
-                        help="keep the exports here and reuse those already there (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the exports here and reuse those already there (default: a temporary directory)",
+    )
     args = parser.parse_args()
 
     loaded = mf.load_model(args.model)
@@ -127,19 +135,29 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         exports = export_variants(args, work, loaded.tokenizer, model)
         gens = {name: OrtGenerator(path, "cpu") for name, path in exports.items()}
-        timings = benchmark({name: ort_runner(g) for name, g in gens.items()}, batch=args.batch, seq=args.seq,
-                            new_tokens=args.new_tokens, repeats=args.repeats,
-                            vocab=min(int(model.config.vocab_size), 1000))
-    print(f"\nmachine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"{args.model}, {model.config.num_hidden_layers} layers, {args.method} on {args.targets}; "
-          f"{args.repeats} alternated repeats")
+        timings = benchmark(
+            {name: ort_runner(g) for name, g in gens.items()},
+            batch=args.batch,
+            seq=args.seq,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            vocab=min(int(model.config.vocab_size), 1000),
+        )
+    print(
+        f"\nmachine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{args.model}, {model.config.num_hidden_layers} layers, {args.method} on {args.targets}; "
+        f"{args.repeats} alternated repeats"
+    )
     print(format_table(timings, args.batch, args.seq))
     t = timings
-    for label, a, b in [("fused / unfused (malora)", "malora fused", "malora lowered"),
-                        ("all-fused / unfused (base)", "base all-fused", "base"),
-                        ("malora lowered / base", "malora lowered", "base"),
-                        ("malora fused / base", "malora fused", "base")]:
+    for label, a, b in [
+        ("fused / unfused (malora)", "malora fused", "malora lowered"),
+        ("all-fused / unfused (base)", "base all-fused", "base"),
+        ("malora lowered / base", "malora lowered", "base"),
+        ("malora fused / base", "malora fused", "base"),
+    ]:
         print(f"{label:<30} prefill {t[a].prefill / t[b].prefill:.3f}x   decode {t[a].decode / t[b].decode:.3f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -90,8 +90,13 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device available")
     device = torch.device(args.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    machine = {"platform": platform.platform(), "processor": cpu_name(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "device": f"{device.type} ({dev_name})"}
+    machine = {
+        "platform": platform.platform(),
+        "processor": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": f"{device.type} ({dev_name})",
+    }
     for key, value in machine.items():
         print(f"{key:>9}: {value}")
 
@@ -118,8 +123,14 @@ def main() -> None:
         for param in base.parameters():
             param.requires_grad_(False)
         counts["base"] = 0
-        steps["base"] = make_step(base, {"inputs_embeds": embeds.requires_grad_(), "attention_mask": batch["attention_mask"]},
-                                  labels, False, [], device)
+        steps["base"] = make_step(
+            base,
+            {"inputs_embeds": embeds.requires_grad_(), "attention_mask": batch["attention_mask"]},
+            labels,
+            False,
+            [],
+            device,
+        )
 
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
@@ -130,27 +141,42 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
 
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"\nSmolLM2-135M, batch {args.batch} x seq {args.seq}, {args.steps} timed steps "
-          f"(+{args.warmup} warm-up) per variant, round-robin; targets {TARGETS}")
+    print(
+        f"\nSmolLM2-135M, batch {args.batch} x seq {args.seq}, {args.steps} timed steps "
+        f"(+{args.warmup} warm-up) per variant, round-robin; targets {TARGETS}"
+    )
     print(f"{'variant':<8} {'trainable':>11} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'vs lora':>8}")
     for name, ts in times.items():
-        print(f"{name:<8} {counts[name]:>11,} {medians[name] * 1e3:>10.1f} {min(ts) * 1e3:>9.1f} "
-              f"{max(ts) * 1e3:>9.1f} {medians[name] / medians['lora']:>7.3f}x")
+        print(
+            f"{name:<8} {counts[name]:>11,} {medians[name] * 1e3:>10.1f} {min(ts) * 1e3:>9.1f} "
+            f"{max(ts) * 1e3:>9.1f} {medians[name] / medians['lora']:>7.3f}x"
+        )
     mins = {name: min(ts) for name, ts in times.items()}
     ratios = {f"malora/{other}": medians["malora"] / medians[other] for other in ("molora", "lora")}
     min_ratios = {f"malora/{other}": mins["malora"] / mins[other] for other in ("molora", "lora")}
-    print(f"\nMALoRA / MoLoRA = {ratios['malora/molora']:.3f}x median, {min_ratios['malora/molora']:.3f}x min"
-          "   (paper: <= 0.85x)")
-    print(f"MALoRA / LoRA   = {ratios['malora/lora']:.3f}x median, {min_ratios['malora/lora']:.3f}x min"
-          "   (paper: ~1.07x)")
+    print(
+        f"\nMALoRA / MoLoRA = {ratios['malora/molora']:.3f}x median, {min_ratios['malora/molora']:.3f}x min"
+        "   (paper: <= 0.85x)"
+    )
+    print(
+        f"MALoRA / LoRA   = {ratios['malora/lora']:.3f}x median, {min_ratios['malora/lora']:.3f}x min   (paper: ~1.07x)"
+    )
     noisy = [name for name, ts in times.items() if statistics.median(ts) > 1.25 * min(ts)]
     if noisy:
         print(f"note: noisy timings ({', '.join(noisy)}: median > 1.25x min); rerun with more --warmup/--steps")
 
     if args.json:
-        result = {"machine": machine, "settings": vars(args), "targets": TARGETS,
-                  "trainable_parameters": counts, "median_s": medians, "min_s": mins, "times_s": times,
-                  "ratios": ratios, "min_ratios": min_ratios}
+        result = {
+            "machine": machine,
+            "settings": vars(args),
+            "targets": TARGETS,
+            "trainable_parameters": counts,
+            "median_s": medians,
+            "min_s": mins,
+            "times_s": times,
+            "ratios": ratios,
+            "min_ratios": min_ratios,
+        }
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
         print(f"wrote {args.json}")

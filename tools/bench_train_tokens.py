@@ -53,8 +53,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}"
+    )
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
@@ -63,8 +65,9 @@ def main() -> None:
         trainers = {}
         for name, config in VARIANTS.items():
             run = make_run(root, name, args.model, base, config)
-            targs = TrainArgs(steps=args.steps + args.warmup_steps, batch_size=args.batch_size, lr=1e-3,
-                              device=args.device)
+            targs = TrainArgs(
+                steps=args.steps + args.warmup_steps, batch_size=args.batch_size, lr=1e-3, device=args.device
+            )
             trainer = prepare(run, root / "data" / "train.jsonl", targs, progress=False, say=lambda m: None)
             trainers[name] = trainer
         tokens = {name: 0 for name in trainers}
@@ -79,8 +82,10 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     rate = {name: tokens[name] / seconds[name] for name in trainers}
-    print(f"\n{args.model}, {args.steps} timed steps (+{args.warmup_steps}) of batch {args.batch_size}, "
-          f"inter suite, lock-step; targets {TARGETS}")
+    print(
+        f"\n{args.model}, {args.steps} timed steps (+{args.warmup_steps}) of batch {args.batch_size}, "
+        f"inter suite, lock-step; targets {TARGETS}"
+    )
     print(f"{'variant':<8} {'tokens':>9} {'seconds':>9} {'tokens/s':>10}")
     for name in trainers:
         print(f"{name:<8} {tokens[name]:>9} {seconds[name]:>9.1f} {rate[name]:>10.1f}")
@@ -88,8 +93,9 @@ def main() -> None:
     print(f"\nthroughput MALoRA / MoLoRA = {ratios['malora/molora']:.3f}x  (paper: ~1.2x)")
     print(f"throughput MALoRA / LoRA   = {ratios['malora/lora']:.3f}x  (paper: ~0.93x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"tokens_per_s": rate, "ratios": ratios, "settings": vars(args)},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps({"tokens_per_s": rate, "ratios": ratios, "settings": vars(args)}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,19 @@ class SiteCount:
 def count_sites(config: MALoRAConfig, sites: dict[str, dict[str, int]]) -> list[SiteCount]:
     """Per-site trainable parameter counts of ``config`` for ``{fqn: {in_features, out_features}}``."""
     return [
-        SiteCount(fqn, s["in_features"], s["out_features"], site_parameters(
-            config.method, s["in_features"], s["out_features"], num_experts=config.num_experts,
-            rank=config.rank, shared_rank=config.shared_rank))
+        SiteCount(
+            fqn,
+            s["in_features"],
+            s["out_features"],
+            site_parameters(
+                config.method,
+                s["in_features"],
+                s["out_features"],
+                num_experts=config.num_experts,
+                rank=config.rank,
+                shared_rank=config.shared_rank,
+            ),
+        )
         for fqn, s in sites.items()
     ]
 
@@ -52,9 +62,14 @@ def method_totals(config: MALoRAConfig, sites: dict[str, dict[str, int]]) -> dic
     totals = {}
     for method in METHODS:
         totals[method] = sum(
-            site_parameters(method, s["in_features"], s["out_features"], num_experts=config.num_experts,
-                            rank=config.rank,
-                            shared_rank=min(config.shared_rank or DEFAULT_SHARED_RANK, s["in_features"]))
+            site_parameters(
+                method,
+                s["in_features"],
+                s["out_features"],
+                num_experts=config.num_experts,
+                rank=config.rank,
+                shared_rank=min(config.shared_rank or DEFAULT_SHARED_RANK, s["in_features"]),
+            )
             for s in sites.values()
         )
     return totals

@@ -36,7 +36,7 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> str | tuple[str, .
         if text == ALL_LINEAR:
             return ALL_LINEAR
         if text.startswith(REGEX_PREFIX):
-            pattern = text[len(REGEX_PREFIX):]
+            pattern = text[len(REGEX_PREFIX) :]
             try:
                 re.compile(pattern)
             except re.error as exc:
@@ -96,8 +96,7 @@ class MALoRAConfig:
         _require_int("top_k", self.top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ConfigError(
-                f"top_k: {self.top_k} is larger than num_experts={self.num_experts}; "
-                f"allowed: 1..{self.num_experts}"
+                f"top_k: {self.top_k} is larger than num_experts={self.num_experts}; allowed: 1..{self.num_experts}"
             )
         rank = DEFAULT_RANK[self.method] if self.rank is None else self.rank
         _require_int("rank", rank, minimum=1)
@@ -141,12 +140,12 @@ class MALoRAConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MALoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MALoRAConfig:
         """Build a config from :meth:`to_dict` output, ignoring unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def replace(self, **changes: Any) -> "MALoRAConfig":
+    def replace(self, **changes: Any) -> MALoRAConfig:
         """A copy with some fields changed (re-validated)."""
         data = self.to_dict()
         if "method" in changes and changes["method"] != self.method:

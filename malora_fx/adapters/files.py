@@ -35,8 +35,20 @@ from .transform import get_config
 FORMAT = "malora-fx/1"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_CONFIG_KEYS = ("method", "num_experts", "top_k", "rank", "shared_rank", "alpha", "beta", "dropout",
-                "normalize_top_k", "aux_loss_coef", "seed", "targets")
+_CONFIG_KEYS = (
+    "method",
+    "num_experts",
+    "top_k",
+    "rank",
+    "shared_rank",
+    "alpha",
+    "beta",
+    "dropout",
+    "normalize_top_k",
+    "aux_loss_coef",
+    "seed",
+    "targets",
+)
 
 
 def adapter_config_dict(gm: fx.GraphModule, base_model: str | None = None) -> dict[str, Any]:
@@ -108,7 +120,9 @@ def load_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> None:
     layers = adapter_modules(gm)
     config = get_config(gm)
     if data.get("method") != config.method:
-        raise AdapterFileError(f"{directory}: adapters are method {data.get('method')!r}, the model has {config.method!r}")
+        raise AdapterFileError(
+            f"{directory}: adapters are method {data.get('method')!r}, the model has {config.method!r}"
+        )
     _check_sites(directory, data.get("sites", {}), gm.meta[STATE_KEY]["sites"])
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
@@ -121,7 +135,9 @@ def load_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> None:
                 raise AdapterFileError(f"{weights}: missing tensor {key!r}")
             shape = tuple(handle.get_slice(key).get_shape())
             if shape != tuple(target.shape):
-                raise AdapterFileError(f"{weights}: {key} has shape {list(shape)}, the model needs {list(target.shape)}")
+                raise AdapterFileError(
+                    f"{weights}: {key} has shape {list(shape)}, the model needs {list(target.shape)}"
+                )
         extra = sorted(keys - set(expected))
         if extra:
             raise AdapterFileError(f"{weights}: tensor {extra[0]!r} belongs to no adapted site of this model")
@@ -138,4 +154,6 @@ def _check_sites(directory, file_sites: dict[str, Any], model_sites: dict[str, A
         if fqn not in model_sites:
             raise AdapterFileError(f"{directory}: site {fqn!r} is not adapted in the model")
         if dict(site) != model_sites[fqn]:
-            raise AdapterFileError(f"{directory}: site {fqn!r} is {dict(site)} in the file, {model_sites[fqn]} in the model")
+            raise AdapterFileError(
+                f"{directory}: site {fqn!r} is {dict(site)} in the file, {model_sites[fqn]} in the model"
+            )

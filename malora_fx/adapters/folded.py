@@ -42,8 +42,17 @@ class FoldedMixture(nn.Module):
     down: torch.Tensor | None
     expert_down: torch.Tensor | None
 
-    def __init__(self, fqn: str, router: torch.Tensor, up: torch.Tensor, *, top_k: int, normalize_top_k: bool,
-                 down: torch.Tensor | None = None, expert_down: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        fqn: str,
+        router: torch.Tensor,
+        up: torch.Tensor,
+        *,
+        top_k: int,
+        normalize_top_k: bool,
+        down: torch.Tensor | None = None,
+        expert_down: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.fqn = fqn
         self.top_k = top_k
@@ -69,7 +78,8 @@ class FoldedMixture(nn.Module):
             h = z.unsqueeze(-2).expand(*z.shape[:-1], self.num_experts, z.shape[-1])
         else:
             h = torch.nn.functional.linear(z, self.expert_down.flatten(0, 1)).unflatten(
-                -1, (self.num_experts, self.expert_rank))
+                -1, (self.num_experts, self.expert_rank)
+            )
         return torch.einsum("...tr,tmr->...m", h * gates.unsqueeze(-1), self.up).to(x.dtype)
 
     def extra_repr(self) -> str:

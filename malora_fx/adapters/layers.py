@@ -70,7 +70,9 @@ def balance_from_sums(chosen_sum: torch.Tensor, prob_sum: torch.Tensor, count: t
     return chosen_sum.numel() * ((chosen_sum / count) * (prob_sum / count)).sum()
 
 
-def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor, chosen: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer load-balancing loss ``N · Σ_t f_t · p̄_t``.
 
     ``f_t`` is the fraction of (real) tokens whose top-k includes expert t and
@@ -272,20 +274,28 @@ class MALoRALayer(MixtureLayer):
     @classmethod
     def file_shapes(cls, in_features, out_features, config):
         big_n, r, d = config.num_experts, config.rank, config.shared_rank
-        return {"S": (d, in_features), "P": (big_n, r, d), "B": (big_n, out_features, r), "router": (big_n, in_features)}
+        return {
+            "S": (d, in_features),
+            "P": (big_n, r, d),
+            "B": (big_n, out_features, r),
+            "router": (big_n, in_features),
+        }
 
     def expert_inputs(self, x):
         z = F.linear(x, self.S)
         return F.linear(z, self.P.flatten(0, 1)).unflatten(-1, (self.num_experts, self.rank))
 
 
-def random_expert_bases(in_features: int, num_experts: int, shared_rank: int, generator: torch.Generator) -> torch.Tensor:
+def random_expert_bases(
+    in_features: int, num_experts: int, shared_rank: int, generator: torch.Generator
+) -> torch.Tensor:
     """The Kaiming-uniform matrices ``K_t ∈ [d, n]`` MALoRA's init decomposes, ``[N, d, n]``."""
     return kaiming_uniform((num_experts, shared_rank, in_features), in_features, generator)
 
 
-def malora_init(in_features: int, num_experts: int, rank: int, shared_rank: int, beta: float,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def malora_init(
+    in_features: int, num_experts: int, rank: int, shared_rank: int, beta: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MALoRA's SVD initialisation; returns ``(S_A [d, n], P [N, r̄, d])``."""
     bases = random_expert_bases(in_features, num_experts, shared_rank, generator).double()
     u, sigma, v = torch.linalg.svd(bases, full_matrices=False)  # u [N,d,d], sigma [N,d], v [N,d,n]

@@ -26,8 +26,12 @@ def read_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], LoadedModel]:
     return data, load_model(data["base_model"])
 
 
-def apply_run_adapters(model: nn.Module | fx.GraphModule, run_dir: str | os.PathLike, data: dict[str, Any],
-                       example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+def apply_run_adapters(
+    model: nn.Module | fx.GraphModule,
+    run_dir: str | os.PathLike,
+    data: dict[str, Any],
+    example_kwargs: dict[str, Any] | None = None,
+) -> fx.GraphModule:
     """``model`` (captured first unless a GraphModule) with the run's adapters inserted, loaded, in eval mode.
 
     ``data`` is the run's adapter config, as :func:`read_run` returns it.
@@ -38,8 +42,9 @@ def apply_run_adapters(model: nn.Module | fx.GraphModule, run_dir: str | os.Path
     return gm
 
 
-def load_run(run_dir: str | os.PathLike,
-             example_kwargs: dict[str, Any] | None = None) -> tuple[fx.GraphModule, LoadedModel]:
+def load_run(
+    run_dir: str | os.PathLike, example_kwargs: dict[str, Any] | None = None
+) -> tuple[fx.GraphModule, LoadedModel]:
     """The run's base model transformed with its adapters (eval mode), and the loaded base model."""
     data, loaded = read_run(run_dir)
     if loaded.tokenizer is None:

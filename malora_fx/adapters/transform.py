@@ -5,7 +5,8 @@ train/eval switching of the adapters)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -111,8 +112,11 @@ def set_adapters_training(gm: nn.Module, training: bool = True) -> None:
         layer.train(training)
 
 
-def aux_loss(gm: nn.Module, attention_mask: torch.Tensor | None = None,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def aux_loss(
+    gm: nn.Module,
+    attention_mask: torch.Tensor | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Mean load-balancing loss over the routed sites, from the last forward.
 
     The value is unscaled (``N · Σ_t f_t p̄_t``; ``top_k`` when perfectly

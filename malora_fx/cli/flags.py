@@ -82,12 +82,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tup
             continue
         if field.default not in (None, dataclasses.MISSING):
             help_text += f" (default: {field.default})"
-        parser.add_argument(name, dest=field.name, type=kind, default=field.default, help=help_text,
-                            metavar=field.name.upper())
+        parser.add_argument(
+            name, dest=field.name, type=kind, default=field.default, help=help_text, metavar=field.name.upper()
+        )
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """An instance of dataclass ``cls`` from the flags :func:`add_dataclass_flags` added."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-              if hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if hasattr(args, f.name)
+    }
     return cls(**values)

@@ -11,9 +11,12 @@ def add_parsers(sub) -> None:
     """``quickstart``."""
     from ..graph.sources import DEFAULT_MODEL
 
-    p = sub.add_parser("quickstart", help="fetch, transform, train, merge, lower, export and run, on the default model",
-                       description="The whole pipeline once: a short multi-task training of the embedded default "
-                                   "model, exported to ONNX and run in onnxruntime, with a summary table.")
+    p = sub.add_parser(
+        "quickstart",
+        help="fetch, transform, train, merge, lower, export and run, on the default model",
+        description="The whole pipeline once: a short multi-task training of the embedded default "
+        "model, exported to ONNX and run in onnxruntime, with a summary table.",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=60)

@@ -15,8 +15,11 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("data", help="built-in multi-task data suites")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
-    make = data_sub.add_parser("make", help="write a built-in task suite as train/eval JSONL",
-                               description="Write OUT/train.jsonl and OUT/eval.jsonl of a procedurally generated suite.")
+    make = data_sub.add_parser(
+        "make",
+        help="write a built-in task suite as train/eval JSONL",
+        description="Write OUT/train.jsonl and OUT/eval.jsonl of a procedurally generated suite.",
+    )
     make.add_argument("--suite", required=True, help="inter (different domains) or intra (one domain)")
     make.add_argument("--out", required=True, help="output directory")
     make.add_argument("--train", type=int, default=200, help="training examples per task (default 200)")
@@ -24,8 +27,11 @@ def add_parsers(sub) -> None:
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=cmd_data_make)
 
-    p = sub.add_parser("train", help="train the adapters of a run directory on JSONL data",
-                       description="Train the adapters in RUN_DIR (made by `malora-fx transform`).")
+    p = sub.add_parser(
+        "train",
+        help="train the adapters of a run directory on JSONL data",
+        description="Train the adapters in RUN_DIR (made by `malora-fx transform`).",
+    )
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--eval", help="eval JSONL (per-task loss at the end)")
@@ -33,8 +39,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="per-task loss and exact match of a run directory",
-                       description="Greedy-decode every eval prompt; report per-task loss and exact match.")
+    p = sub.add_parser(
+        "eval",
+        help="per-task loss and exact match of a run directory",
+        description="Greedy-decode every eval prompt; report per-task loss and exact match.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="eval JSONL")
     p.add_argument("--base", action="store_true", help="also evaluate the untransformed base model")
@@ -46,8 +55,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("inspect", help="per-task expert load of every routed site (router collapse at a glance)",
-                       description="Count the routers' top-k choices per task over real tokens.")
+    p = sub.add_parser(
+        "inspect",
+        help="per-task expert load of every routed site (router collapse at a glance)",
+        description="Count the routers' top-k choices per task over real tokens.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="JSONL whose tasks to route")
     p.add_argument("--plot", help="write a heatmap PNG here")
@@ -71,8 +83,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.args import TrainArgs
     from ..train.loop import train
 
-    result = train(args.run_dir, args.data, dataclass_from_args(TrainArgs, args), eval_data=args.eval,
-                   progress=not args.no_progress)
+    result = train(
+        args.run_dir,
+        args.data,
+        dataclass_from_args(TrainArgs, args),
+        eval_data=args.eval,
+        progress=not args.no_progress,
+    )
     print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; adapters in {result.run_dir}")
     return 0
 
@@ -97,14 +114,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = _limit(read_jsonl(args.data), args.limit)
     gm, loaded = load_run(args.run_dir)
     gm.to(args.device)
-    options = dict(max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   device=args.device)
-    results = {"adapted": evaluate(lambda i, m: gm(input_ids=i, attention_mask=m).logits, loaded.tokenizer,
-                                   examples, **options)}
+    options = dict(
+        max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device
+    )
+    results = {
+        "adapted": evaluate(
+            lambda i, m: gm(input_ids=i, attention_mask=m).logits, loaded.tokenizer, examples, **options
+        )
+    }
     if args.base:
         base = loaded.model.to(args.device)
-        results["base"] = evaluate(lambda i, m: base(input_ids=i, attention_mask=m, use_cache=False).logits,
-                                   loaded.tokenizer, examples, **options)
+        results["base"] = evaluate(
+            lambda i, m: base(input_ids=i, attention_mask=m, use_cache=False).logits,
+            loaded.tokenizer,
+            examples,
+            **options,
+        )
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -119,8 +144,9 @@ def print_eval_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
     head = "".join(f"  {c + ' loss':>12}  {c + ' EM':>10}" for c in columns)
     print(f"{'task':<{width}}  {'n':>4}{head}")
     for task in tasks:
-        row = "".join(f"  {results[c][task]['loss']:>12.4f}  {100 * results[c][task]['exact_match']:>9.1f}%"
-                      for c in columns)
+        row = "".join(
+            f"  {results[c][task]['loss']:>12.4f}  {100 * results[c][task]['exact_match']:>9.1f}%" for c in columns
+        )
         print(f"{task:<{width}}  {int(results[columns[0]][task]['n']):>4}{row}")
 
 
@@ -144,8 +170,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             busiest = [max(range(len(v)), key=v.__getitem__) for v in per_site.values()]
             top = max(set(busiest), key=busiest.count)
             share = sum(max(v) for v in per_site.values()) / len(per_site)
-            print(f"{task}: {len(per_site)} sites; most often busiest expert {top}; "
-                  f"mean load of each site's busiest expert {share:.2f} (balanced: {_balanced(per_site):.2f})")
+            print(
+                f"{task}: {len(per_site)} sites; most often busiest expert {top}; "
+                f"mean load of each site's busiest expert {share:.2f} (balanced: {_balanced(per_site):.2f})"
+            )
         if args.plot:
             print(f"heatmap: {args.plot}")
     return 0

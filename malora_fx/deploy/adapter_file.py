@@ -44,8 +44,10 @@ def export_adapter(run_dir: str | os.PathLike, out_file: str | os.PathLike, *, d
     gm = capture_decoder(model, dt)[0] if is_decoder(model) else capture(model, default_example_kwargs(model))
     gm = lower(apply_run_adapters(gm, run_dir, info), fold_lora=False, fuse=True)
     gm.to(dt)
-    params = {f"{LOWERED_ATTR}.{name}": ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().numpy())
-              for name, t in getattr(gm, LOWERED_ATTR).named_buffers()}
+    params = {
+        f"{LOWERED_ATTR}.{name}": ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().numpy())
+        for name, t in getattr(gm, LOWERED_ATTR).named_buffers()
+    }
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
     adapter.set_model_version(1)

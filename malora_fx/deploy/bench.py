@@ -37,21 +37,29 @@ class Timing:
 
 def ort_runner(gen) -> Runner:
     """A runner over an :class:`malora_fx.deploy.runner.OrtGenerator`."""
+
     def run(ids, mask, positions, past):
         return gen.step(ids, mask, positions, gen.empty_past(ids.shape[0]) if past is None else past)
+
     return run
 
 
 def torch_runner(gm, layers: int, kv_heads: int, head_dim: int, dtype=torch.float32) -> Runner:
     """A runner over a captured decoder GraphModule (``malora_fx.graph.cached_decoder.capture_decoder``)."""
+
     @torch.no_grad()
     def run(ids, mask, positions, past):
         if past is None:
             empty = torch.zeros(ids.shape[0], kv_heads, 0, head_dim, dtype=dtype)
             past = tuple((empty, empty) for _ in range(layers))
-        logits, present = gm(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             position_ids=torch.from_numpy(positions), past_key_values=past)
+        logits, present = gm(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+            past_key_values=past,
+        )
         return logits.numpy(), present
+
     return run
 
 
@@ -71,8 +79,17 @@ def time_once(run: Runner, batch: int, seq: int, new_tokens: int, vocab: int) ->
     return prefill, (time.perf_counter() - start) / max(new_tokens, 1)
 
 
-def benchmark(variants: dict[str, Runner], *, batch: int = 1, seq: int = 128, new_tokens: int = 32,
-              repeats: int = 5, warmup: int = 1, vocab: int = 1000, pause_s: float = 0.5) -> dict[str, Timing]:
+def benchmark(
+    variants: dict[str, Runner],
+    *,
+    batch: int = 1,
+    seq: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    vocab: int = 1000,
+    pause_s: float = 0.5,
+) -> dict[str, Timing]:
     """Alternate the variants ``warmup + repeats`` times; keep the last ``repeats``.
 
     Each timing starts ``pause_s`` after the previous one ended: onnxruntime's
@@ -93,10 +110,14 @@ def benchmark(variants: dict[str, Runner], *, batch: int = 1, seq: int = 128, ne
 def format_table(timings: dict[str, Timing], batch: int, seq: int) -> str:
     names = list(timings)
     ref = timings[names[0]]
-    lines = [f"{'variant':<22} {'prefill ms':>11} {'vs ' + names[0]:>10} {'decode ms/tok':>14} {'vs ' + names[0]:>10}",
-             f"{'(batch ' + str(batch) + ' x seq ' + str(seq) + ')':<22}"]
+    lines = [
+        f"{'variant':<22} {'prefill ms':>11} {'vs ' + names[0]:>10} {'decode ms/tok':>14} {'vs ' + names[0]:>10}",
+        f"{'(batch ' + str(batch) + ' x seq ' + str(seq) + ')':<22}",
+    ]
     for name in names:
         t = timings[name]
-        lines.append(f"{name:<22} {t.prefill * 1e3:>11.2f} {t.prefill / ref.prefill:>9.3f}x "
-                     f"{t.decode * 1e3:>14.2f} {t.decode / ref.decode:>9.3f}x")
+        lines.append(
+            f"{name:<22} {t.prefill * 1e3:>11.2f} {t.prefill / ref.prefill:>9.3f}x "
+            f"{t.decode * 1e3:>14.2f} {t.decode / ref.decode:>9.3f}x"
+        )
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,12 +68,12 @@ class ExportManifest:
     dtype: str = "fp32"
     opset: int = 18
     kind: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    inputs: Sequence[str]  # stored as a tuple
+    outputs: Sequence[str]  # stored as a tuple
     kv_cache: bool = False
     switchable: bool = False
     fused: bool = False
-    adapter_parameters: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    adapter_parameters: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shapes stored as tuples
     num_layers: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
@@ -89,21 +89,39 @@ class ExportManifest:
         _expect("kind", self.kind, lambda v: v in KINDS, f"one of {', '.join(KINDS)}")
         for name in ("inputs", "outputs"):
             value = getattr(self, name)
-            _expect(name, value, lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
-                    "a list of names")
+            _expect(
+                name,
+                value,
+                lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
+                "a list of names",
+            )
             object.__setattr__(self, name, tuple(value))
         for name in ("kv_cache", "switchable", "fused"):
             _expect(name, getattr(self, name), lambda v: isinstance(v, bool), "true or false")
-        _expect("adapter_parameters", self.adapter_parameters,
-                lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and isinstance(s, (list, tuple))
-                                                         and all(_is_int(d) for d in s) for k, s in v.items()),
-                "a mapping of names to shapes")
+        _expect(
+            "adapter_parameters",
+            self.adapter_parameters,
+            lambda v: (
+                isinstance(v, Mapping)
+                and all(
+                    isinstance(k, str) and isinstance(s, (list, tuple)) and all(_is_int(d) for d in s)
+                    for k, s in v.items()
+                )
+            ),
+            "a mapping of names to shapes",
+        )
         object.__setattr__(self, "adapter_parameters", {k: tuple(s) for k, s in self.adapter_parameters.items()})
         for name in DECODER_KEYS:
             value = getattr(self, name)
             _expect(name, value, lambda v: v is None or _is_int(v), "an integer or null")
             if self.kv_cache and value is None:
                 raise MaloraError(f"{EXPORT_JSON}: a KV-cache export needs {name!r}")
+
+    def cache_geometry(self) -> tuple[int, int, int]:
+        """``(layers, kv heads, head dim)`` of a KV-cache export; MaloraError for any other."""
+        if self.num_layers is None or self.num_kv_heads is None or self.head_dim is None:
+            raise MaloraError(f"{EXPORT_JSON}: this {self.kind} export has no KV cache")
+        return self.num_layers, self.num_kv_heads, self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in file order; decoder keys only when set."""
@@ -185,6 +203,8 @@ def _check_format(found: Any, where: str) -> None:
         raise MaloraError(f"{where}: no 'format' key; supported: {EXPORT_FORMAT!r}")
     match = re.fullmatch(r"malora-fx-export/(\d+)", str(found))
     if match and int(match.group(1)) > int(EXPORT_FORMAT.rsplit("/", 1)[1]):
-        raise MaloraError(f"{where}: format {found!r} is newer than this malora-fx supports ({EXPORT_FORMAT!r}); "
-                          "upgrade malora-fx or export again with this version")
+        raise MaloraError(
+            f"{where}: format {found!r} is newer than this malora-fx supports ({EXPORT_FORMAT!r}); "
+            "upgrade malora-fx or export again with this version"
+        )
     raise MaloraError(f"{where}: format {found!r} is not supported; supported: {EXPORT_FORMAT!r}")

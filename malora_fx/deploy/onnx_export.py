@@ -46,9 +46,18 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger models keep their tensors in model.onnx.data
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "fp32", opset: int = 18,
-               cache: bool = True, base_only: bool = False, switchable: bool = False, lowered: bool = True,
-               fuse: bool = True) -> Path:
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    opset: int = 18,
+    cache: bool = True,
+    base_only: bool = False,
+    switchable: bool = False,
+    lowered: bool = True,
+    fuse: bool = True,
+) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
 
     Writes ``model.onnx`` (external data when over 2 GB), the tokenizer files
@@ -84,11 +93,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
             gm = lower(merge(gm), fuse=fuse) if lowered else merge(gm)
     gm.to(dt)
     manifest = ExportManifest(
-        base_model=info["base_model"], method=info["method"] if adapted else None,
-        adapters=str(Path(run_dir).resolve()) if adapted else None, dtype=dtype, opset=opset,
+        base_model=info["base_model"],
+        method=info["method"] if adapted else None,
+        adapters=str(Path(run_dir).resolve()) if adapted else None,
+        dtype=dtype,
+        opset=opset,
         kind="decoder" if decoder else ("causal-lm" if hasattr(model, "lm_head") else "encoder"),
-        inputs=input_names, outputs=output_names, kv_cache=decoder, switchable=switchable,
-        fused=hasattr(gm, FUSED_ATTR), adapter_parameters=adapter_parameters(gm) if switchable else {},
+        inputs=input_names,
+        outputs=output_names,
+        kv_cache=decoder,
+        switchable=switchable,
+        fused=hasattr(gm, FUSED_ATTR),
+        adapter_parameters=adapter_parameters(gm) if switchable else {},
         **(decoder_meta(model.config) if decoder else {}),
     )
     module = gm if decoder else _EncoderOutputs(gm, input_names, output_names)
@@ -97,15 +113,28 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype:
     return out_dir
 
 
-def decoder_meta(config) -> dict[str, int]:
+def decoder_meta(config) -> dict[str, Any]:
     """The export.json entries a runner needs to build a decoder's KV cache."""
     layers, kv, head_dim = cache_geometry(config)
-    return dict(num_layers=layers, num_kv_heads=kv, head_dim=head_dim, vocab_size=int(config.vocab_size),
-                max_positions=int(getattr(config, "max_position_embeddings", 0) or 0))
+    return dict(
+        num_layers=layers,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        vocab_size=int(config.vocab_size),
+        max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+    )
 
 
-def export_decoder_graph(gm: fx.GraphModule, example: dict[str, Any], config, out_dir: str | os.PathLike, *,
-                         opset: int = 18, tokenizer=None, **meta) -> Path:
+def export_decoder_graph(
+    gm: fx.GraphModule,
+    example: dict[str, Any],
+    config,
+    out_dir: str | os.PathLike,
+    *,
+    opset: int = 18,
+    tokenizer=None,
+    **meta,
+) -> Path:
     """Export a decoder graph from :func:`~malora_fx.graph.cached_decoder.capture_decoder` — adapted,
     merged, lowered or fused as the caller chose — with the KV-cache names of that module; ``meta``
     entries (fields of :class:`ExportManifest`) override the export.json defaults.
@@ -117,18 +146,35 @@ def export_decoder_graph(gm: fx.GraphModule, example: dict[str, Any], config, ou
     known = {f.name for f in dataclasses.fields(ExportManifest)}
     for key in meta:
         if key not in known:
-            raise MaloraError(f"export_decoder_graph: {key!r} is not an export.json field; allowed: "
-                              f"{', '.join(sorted(known))}")
+            raise MaloraError(
+                f"export_decoder_graph: {key!r} is not an export.json field; allowed: {', '.join(sorted(known))}"
+            )
     inputs, outputs = decoder_names(cache_geometry(config)[0])
-    manifest = ExportManifest(**{
-        "opset": opset, "kind": "decoder", "inputs": inputs, "outputs": outputs, "kv_cache": True,
-        "fused": hasattr(gm, FUSED_ATTR), **decoder_meta(config), **meta})
+    manifest = ExportManifest(
+        **{
+            "opset": opset,
+            "kind": "decoder",
+            "inputs": inputs,
+            "outputs": outputs,
+            "kv_cache": True,
+            "fused": hasattr(gm, FUSED_ATTR),
+            **decoder_meta(config),
+            **meta,
+        }
+    )
     _write_export(gm, gm, example, decoder_dynamic_shapes(example), manifest, Path(out_dir), tokenizer)
     return Path(out_dir)
 
 
-def export_onnx(gm: fx.GraphModule, out_dir: str | os.PathLike, example_kwargs: dict[str, Any], *, opset: int = 18,
-                tokenizer=None, fuse: bool = True) -> Path:
+def export_onnx(
+    gm: fx.GraphModule,
+    out_dir: str | os.PathLike,
+    example_kwargs: dict[str, Any],
+    *,
+    opset: int = 18,
+    tokenizer=None,
+    fuse: bool = True,
+) -> Path:
     """Export a captured or transformed GraphModule to ``out_dir/model.onnx``.
 
     Adapters still in trainable form are merged and lowered first (``fuse``: as
@@ -143,11 +189,17 @@ def export_onnx(gm: fx.GraphModule, out_dir: str | os.PathLike, example_kwargs: 
         raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")
     gm = lower(merge(gm), fuse=fuse)
     out = gm(**example_kwargs)
-    names = list(out.keys()) if hasattr(out, "keys") else [f"output_{i}" for i in range(len(out))] \
-        if isinstance(out, (tuple, list)) else ["output"]
+    names = (
+        list(out.keys())
+        if hasattr(out, "keys")
+        else [f"output_{i}" for i in range(len(out))]
+        if isinstance(out, (tuple, list))
+        else ["output"]
+    )
     dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example_kwargs.items()}
-    manifest = ExportManifest(opset=opset, kind="graph", inputs=list(example_kwargs), outputs=names,
-                              fused=hasattr(gm, FUSED_ATTR))
+    manifest = ExportManifest(
+        opset=opset, kind="graph", inputs=list(example_kwargs), outputs=names, fused=hasattr(gm, FUSED_ATTR)
+    )
     _write_export(gm, gm, example_kwargs, dynamic, manifest, Path(out_dir), tokenizer)
     return Path(out_dir)
 
@@ -177,18 +229,29 @@ class _EncoderOutputs(nn.Module):
         return tuple(getattr(out, name) for name in self.output_names)
 
 
-def _write_export(module: nn.Module, gm: nn.Module, example, dynamic, manifest: ExportManifest, out_dir: Path,
-                  tokenizer) -> None:
+def _write_export(
+    module: nn.Module, gm: nn.Module, example, dynamic, manifest: ExportManifest, out_dir: Path, tokenizer
+) -> None:
     """Export ``module`` (``gm`` or a wrapper of it) into a temporary directory, check it, rename it to ``out_dir``."""
     import onnx
 
     for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
         sub.training = False
     with atomic_directory(out_dir) as tmp:
-        program = torch.onnx.export(module, (), kwargs=example, dynamic_shapes=dynamic,
-                                    input_names=list(manifest.inputs), output_names=list(manifest.outputs),
-                                    opset_version=manifest.opset, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=example,
+            dynamic_shapes=dynamic,
+            input_names=list(manifest.inputs),
+            output_names=list(manifest.outputs),
+            opset_version=manifest.opset,
+            dynamo=True,
+            verbose=False,
+        )
         size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+        if program is None:  # only when torch.onnx.export is given a file name
+            raise MaloraError("torch.onnx.export returned no ONNX program")
         program.save(str(tmp / MODEL_FILE), external_data=size > EXTERNAL_DATA_BYTES)
         if manifest.switchable:
             make_initializers_overridable(tmp / MODEL_FILE, set(manifest.adapter_parameters))

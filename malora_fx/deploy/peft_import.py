@@ -38,7 +38,7 @@ def convert_peft(peft_dir: str | Path, out_dir: str | Path, base_model: str) -> 
     """Write a malora-fx ``lora`` run directory equivalent to a PEFT LoRA adapter."""
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
     if not is_peft_dir(peft_dir):
-        raise AdapterFileError(f"{peft_dir}: no PEFT adapter_config.json (with \"peft_type\")")
+        raise AdapterFileError(f'{peft_dir}: no PEFT adapter_config.json (with "peft_type")')
     config = json.loads((peft_dir / CONFIG_FILE).read_text())
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(f"{peft_dir}: peft_type {config.get('peft_type')!r} is not supported; allowed: LORA")
@@ -54,12 +54,25 @@ def convert_peft(peft_dir: str | Path, out_dir: str | Path, base_model: str) -> 
     rank = int(config["r"])
     alpha = float(config["lora_alpha"]) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
     ours = {
-        "format": FORMAT, "base_model": base_model, "method": "lora", "num_experts": 8, "top_k": 2, "rank": rank,
-        "shared_rank": None, "alpha": alpha, "beta": 1.0, "dropout": float(config.get("lora_dropout") or 0.0),
-        "normalize_top_k": False, "aux_loss_coef": 0.0, "seed": 0,
-        "targets": "re:" + "|".join(re.escape(f) for f in sites), "sites": sites,
-        "imported_from": {"peft_dir": str(peft_dir.resolve()),
-                          "base_model_name_or_path": config.get("base_model_name_or_path")},
+        "format": FORMAT,
+        "base_model": base_model,
+        "method": "lora",
+        "num_experts": 8,
+        "top_k": 2,
+        "rank": rank,
+        "shared_rank": None,
+        "alpha": alpha,
+        "beta": 1.0,
+        "dropout": float(config.get("lora_dropout") or 0.0),
+        "normalize_top_k": False,
+        "aux_loss_coef": 0.0,
+        "seed": 0,
+        "targets": "re:" + "|".join(re.escape(f) for f in sites),
+        "sites": sites,
+        "imported_from": {
+            "peft_dir": str(peft_dir.resolve()),
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+        },
     }
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})

@@ -33,8 +33,10 @@ def choose_provider(provider: str) -> str:
         raise MaloraError(f"--provider: unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise MaloraError("--provider cuda: onnxruntime has no CUDA execution provider here "
-                          "(install onnxruntime-gpu instead of onnxruntime)")
+        raise MaloraError(
+            "--provider cuda: onnxruntime has no CUDA execution provider here "
+            "(install onnxruntime-gpu instead of onnxruntime)"
+        )
     if provider == "cpu" or "CUDAExecutionProvider" not in available:
         return "CPUExecutionProvider"
     return "CUDAExecutionProvider"
@@ -71,9 +73,11 @@ class OrtGenerator:
         return self.manifest.kv_cache
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.manifest.num_kv_heads, 0, self.manifest.head_dim)
-        return {name: np.zeros(shape, self.dtype) for name in self.manifest.inputs
-                if name.startswith("past_key_values.")}
+        _, kv_heads, head_dim = self.manifest.cache_geometry()
+        shape = (batch, kv_heads, 0, head_dim)
+        return {
+            name: np.zeros(shape, self.dtype) for name in self.manifest.inputs if name.startswith("past_key_values.")
+        }
 
     def run_options(self, adapter: str | Path | None):
         import onnxruntime as ort
@@ -108,14 +112,22 @@ class OrtGenerator:
         for name, value in params.items():
             shape = list(value.shape())
             if expected.get(name) != shape:
-                raise MaloraError(f"--adapter: {path} was made for another export: tensor {name} {shape} "
-                                  f"does not fit ({expected.get(name, 'no such input')})")
+                raise MaloraError(
+                    f"--adapter: {path} was made for another export: tensor {name} {shape} "
+                    f"does not fit ({expected.get(name, 'no such input')})"
+                )
         if set(params) != set(expected):
             missing = sorted(set(expected) - set(params))[0]
             raise MaloraError(f"--adapter: {path} was made for another export: it lacks {missing}")
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: dict[str, np.ndarray], options=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: dict[str, np.ndarray],
+        options=None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward: logits and the next past (``present.*`` renamed)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
         try:
@@ -123,20 +135,33 @@ class OrtGenerator:
         except Exception as exc:  # onnxruntime raises its own types; surface them as one line
             raise MaloraError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
         result = dict(zip(self.output_names, outputs, strict=True))
-        new_past = {name.replace("present.", "past_key_values.", 1): value
-                    for name, value in result.items() if name.startswith("present.")}
+        new_past = {
+            name.replace("present.", "past_key_values.", 1): value
+            for name, value in result.items()
+            if name.startswith("present.")
+        }
         return result["logits"], new_past
 
-    def generate(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, stop_ids: set[int] | None = None, adapter: str | Path | None = None,
-                 seed: int = 0) -> Iterator[int]:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_ids: set[int] | None = None,
+        adapter: str | Path | None = None,
+        seed: int = 0,
+    ) -> Iterator[int]:
         """Yield generated token ids one by one (stop tokens are not yielded)."""
         if not self.is_decoder:
             raise MaloraError(f"{self.dir}: generation needs a decoder export with a KV cache")
         limit = self.manifest.max_positions or 0
         if limit and len(prompt_ids) + max_new_tokens > limit:
-            raise MaloraError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
-                              f"model's context of {limit} positions")
+            raise MaloraError(
+                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
+                f"model's context of {limit} positions"
+            )
         if temperature < 0 or not 0 < top_p <= 1:
             raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
         options = self.run_options(adapter)

@@ -35,13 +35,19 @@ class DecoderWithCache(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
+        self.config: Any = lm.config
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         from transformers import DynamicCache
 
-        cache = DynamicCache(list(past_key_values), config=self.lm.config)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
+        cache = DynamicCache(list(past_key_values), config=self.config)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         return out.logits, tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
 
 
@@ -74,7 +80,9 @@ def decoder_dynamic_shapes(example: dict[str, Any]) -> dict[str, Any]:
     """Batch and sequence of the token inputs, batch and past length of the cache: dynamic."""
     auto = Dim.AUTO
     return {
-        "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+        "input_ids": {0: auto, 1: auto},
+        "attention_mask": {0: auto, 1: auto},
+        "position_ids": {0: auto, 1: auto},
         "past_key_values": tuple(({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in example["past_key_values"]),
     }
 
@@ -102,8 +110,10 @@ def capture_decoder(model: nn.Module, dtype: torch.dtype = torch.float32) -> tup
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:
-            node.meta["nn_module_stack"] = {key: (path[len(PREFIX):] if path.startswith(PREFIX) else path, cls)
-                                            for key, (path, cls) in stack.items()}
+            node.meta["nn_module_stack"] = {
+                key: (path[len(PREFIX) :] if path.startswith(PREFIX) else path, cls)
+                for key, (path, cls) in stack.items()
+            }
     gm.meta[OUTPUT_HEADS_KEY] = output_head_names(model)
     gm.meta[BASE_PARAMETERS_KEY] = count_parameters(model)
     return gm, example

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -142,7 +143,9 @@ def capture(
             gm = _export(model, tuple(example_args), example_kwargs, dynamic, token_inputs=hf)
         except Exception as exc:
             if tracer == "export" or hf:
-                raise MaloraError(f"capture: torch.export failed for {type(model).__name__}: {first_line(exc)}") from exc
+                raise MaloraError(
+                    f"capture: torch.export failed for {type(model).__name__}: {first_line(exc)}"
+                ) from exc
             logger.info("torch.export failed (%s); falling back to torch.fx.symbolic_trace", first_line(exc))
             gm = torch.fx.symbolic_trace(model)
     gm.meta[OUTPUT_HEADS_KEY] = output_head_names(model)
@@ -155,7 +158,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool
     arg_shapes, kwarg_shapes = _dynamic_shapes(args, kwargs, token_inputs)
     dynamic_shapes = None
     if dynamic:
-        dynamic_shapes = {**dict(zip(_positional_names(model, len(args)), arg_shapes)), **kwarg_shapes}
+        dynamic_shapes = {**dict(zip(_positional_names(model, len(args)), arg_shapes, strict=False)), **kwarg_shapes}
     with _tracing_state(model):
         exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     logger.info("captured %s with torch.export (%d nodes)", type(model).__name__, len(exported.graph.nodes))
@@ -163,7 +166,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool
 
 
 def _positional_names(model: nn.Module, count: int) -> list[str]:
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     return [p.name for p in params[:count]]
-

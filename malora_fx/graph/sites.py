@@ -109,8 +109,12 @@ def _conv1d_site(fqn: str, nodes: list[fx.Node]) -> LinearSite | None:
     n, m = _last_dim(inputs[0]), _last_dim(outputs[0])
     if n is None or m is None:
         return None
-    weights = [str(arg.target) for node in nodes for arg in node.all_input_nodes
-               if arg.op == "get_attr" and getattr(arg.meta.get("val"), "shape", None) == (n, m)]
+    weights = [
+        str(arg.target)
+        for node in nodes
+        for arg in node.all_input_nodes
+        if arg.op == "get_attr" and getattr(arg.meta.get("val"), "shape", None) == (n, m)
+    ]
     return LinearSite(fqn, inputs[0], outputs[0], n, m, weights[0] if len(weights) == 1 else None, True)
 
 
@@ -124,14 +128,21 @@ def find_linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             if top is None:
                 continue
             n, m = _weight_sizes(gm, node)
-            weight = str(node.args[1].target) if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
+            weight = (
+                str(node.args[1].target)
+                if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr"
+                else None
+            )
             sites.append(LinearSite(top[1], cast(fx.Node, node.args[0]), node, n, m, weight, False))
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             sizes = _module_sizes(module)
             if sizes is not None:
-                sites.append(LinearSite(str(node.target), node.args[0], node, *sizes, f"{node.target}.weight",
-                                        _is_conv1d(module)))
+                sites.append(
+                    LinearSite(
+                        str(node.target), node.args[0], node, *sizes, f"{node.target}.weight", _is_conv1d(module)
+                    )
+                )
         elif node.op == "call_function" and PASS_TAG not in node.meta:  # not a node a pass added
             top = _stack_top(node)
             if top is not None and top[2] == CONV1D_CLASS:

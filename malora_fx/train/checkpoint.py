@@ -83,8 +83,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, write_adapters, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    write_adapters,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the newest ``keep``.
 
     ``write_adapters(directory)`` writes the adapter files. An existing
@@ -115,7 +122,8 @@ def is_complete(directory: Path) -> bool:
         manifest = json.loads((directory / MANIFEST).read_text())
         return bool(manifest) and all(
             (directory / name).stat().st_size == meta["bytes"] and _sha256(directory / name) == meta["sha256"]
-            for name, meta in manifest.items())
+            for name, meta in manifest.items()
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -88,22 +89,22 @@ def _parse_line(line: str, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     task = obj.get("task")
     if not isinstance(task, str) or not task:
-        raise DataError(f"{where}: \"task\" must be a non-empty string")
+        raise DataError(f'{where}: "task" must be a non-empty string')
     if "messages" in obj:
         return Example(task, _parse_messages(obj["messages"], where))
     for key in ("prompt", "response"):
         if not isinstance(obj.get(key), str):
-            raise DataError(f"{where}: \"{key}\" must be a string (or give \"messages\")")
+            raise DataError(f'{where}: "{key}" must be a string (or give "messages")')
     return Example(task, (("user", obj["prompt"]), ("assistant", obj["response"])))
 
 
 def _parse_messages(messages: Any, where: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list")
+        raise DataError(f'{where}: "messages" must be a non-empty list')
     parsed = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be an object with string \"role\" and \"content\"")
+            raise DataError(f'{where}: messages[{i}] must be an object with string "role" and "content"')
         parsed.append((msg["role"], msg["content"]))
     if parsed[-1][0] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's response, got role {parsed[-1][0]!r}")
@@ -123,10 +124,11 @@ def encode(example: Example, tokenizer, max_length: int) -> Encoded:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(
-            [*example.prompt_messages, {"role": "assistant", "content": example.response}], tokenize=False)
+            [*example.prompt_messages, {"role": "assistant", "content": example.response}], tokenize=False
+        )
         if not full.startswith(prompt):
             raise DataError(f"task {example.task!r}: the chat template does not extend the prompt; cannot mask it")
-        response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     else:
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = list(prompt_ids) + list(response_ids)
@@ -164,8 +166,9 @@ def task_probabilities(tasks: Sequence[str], sampling: str) -> dict[str, float]:
     return {t: w / total for t, w in sorted(weights.items())}
 
 
-def plan_batches(encoded: Sequence[Encoded], *, batch_size: int, num_batches: int, sampling: str, seed: int,
-                 group_size: int = 32) -> list[list[int]]:
+def plan_batches(
+    encoded: Sequence[Encoded], *, batch_size: int, num_batches: int, sampling: str, seed: int, group_size: int = 32
+) -> list[list[int]]:
     """The run's batch schedule: ``num_batches`` lists of example indices.
 
     Tasks are drawn with :func:`task_probabilities`; within a task, examples
@@ -180,7 +183,7 @@ def plan_batches(encoded: Sequence[Encoded], *, batch_size: int, num_batches: in
     probs = task_probabilities([e.task for e in encoded], sampling)
     names = list(probs)
     weights = torch.tensor([probs[t] for t in names], dtype=torch.float64)
-    queues = {t: [] for t in names}
+    queues: dict[str, list[int]] = {t: [] for t in names}
 
     def next_of(task: str) -> int:
         if not queues[task]:
@@ -193,7 +196,7 @@ def plan_batches(encoded: Sequence[Encoded], *, batch_size: int, num_batches: in
         count = min(group_size, num_batches - len(batches))
         draws = torch.multinomial(weights, count * batch_size, replacement=True, generator=gen).tolist()
         picked = sorted((next_of(names[d]) for d in draws), key=lambda i: (len(encoded[i].input_ids), i))
-        group = [picked[k * batch_size:(k + 1) * batch_size] for k in range(count)]
+        group = [picked[k * batch_size : (k + 1) * batch_size] for k in range(count)]
         batches.extend(group[j] for j in torch.randperm(count, generator=gen).tolist())
     return batches
 

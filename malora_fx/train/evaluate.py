@@ -12,7 +12,7 @@ positions and attention exactly as for a single row.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +24,16 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def task_losses(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], max_length: int, batch_size: int,
-                device: str = "cpu") -> dict[str, dict[str, float]]:
+def task_losses(
+    logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], max_length: int, batch_size: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
     """Mean cross-entropy over response tokens, per task: ``{task: {"loss", "tokens"}}``."""
     pad = pad_id(tokenizer)
     encoded = [encode(e, tokenizer, max_length) for e in examples]
     sums: dict[str, list[float]] = {}
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     for start in range(0, len(order), batch_size):
-        items = [encoded[i] for i in order[start:start + batch_size]]
+        items = [encoded[i] for i in order[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(items, pad).items()}
         logits = logits_fn(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
         labels = batch["labels"][:, 1:]
@@ -56,14 +57,21 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: set[int],
-                    pad_id: int, device: str = "cpu") -> list[list[int]]:
+def greedy_generate(
+    logits_fn: LogitsFn,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int,
+    device: str = "cpu",
+) -> list[list[int]]:
     """Greedy continuation of each prompt, up to ``max_new_tokens`` or a stop token (excluded)."""
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max()) + max_new_tokens
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
-        ids[row, :len(prompt)] = torch.tensor(list(prompt), device=device)
+        ids[row, : len(prompt)] = torch.tensor(list(prompt), device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     rows = torch.arange(len(prompts), device=device)
     out: list[list[int]] = [[] for _ in prompts]
@@ -87,8 +95,16 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], *, ma
     return out
 
 
-def exact_match(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, max_length: int, batch_size: int,
-                max_new_tokens: int | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
+def exact_match(
+    logits_fn: LogitsFn,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    batch_size: int,
+    max_new_tokens: int | None = None,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
     """Greedy-decode each prompt and compare with the response: ``{task: {"exact_match", "n"}}``."""
     pad = pad_id(tokenizer)
     encoded: list[Encoded] = [encode(e, tokenizer, max_length) for e in examples]
@@ -98,11 +114,12 @@ def exact_match(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, 
     hits: dict[str, list[int]] = {}
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].prompt_length)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        prompts = [encoded[i].input_ids[:encoded[i].prompt_length] for i in chunk]
-        outs = greedy_generate(logits_fn, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad,
-                               device=device)
-        for i, tokens in zip(chunk, outs):
+        chunk = order[start : start + batch_size]
+        prompts = [encoded[i].input_ids[: encoded[i].prompt_length] for i in chunk]
+        outs = greedy_generate(
+            logits_fn, prompts, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad, device=device
+        )
+        for i, tokens in zip(chunk, outs, strict=True):
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             acc = hits.setdefault(examples[i].task, [0, 0])
             acc[0] += int(check_answer(examples[i].response, text))
@@ -110,14 +127,30 @@ def exact_match(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, 
     return {t: {"exact_match": h / n, "n": n} for t, (h, n) in sorted(hits.items())}
 
 
-def evaluate(logits_fn: LogitsFn, tokenizer, examples: Sequence[Example], *, max_length: int = 512,
-             batch_size: int = 8, max_new_tokens: int | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
+def evaluate(
+    logits_fn: LogitsFn,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
     """Per-task ``loss`` and ``exact_match`` (and ``n``), plus an ``"average"`` row."""
     losses = task_losses(logits_fn, tokenizer, examples, max_length, batch_size, device)
-    matches = exact_match(logits_fn, tokenizer, examples, max_length=max_length, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, device=device)
-    table = {t: {"loss": losses[t]["loss"], "exact_match": matches[t]["exact_match"], "n": matches[t]["n"]}
-             for t in losses}
+    matches = exact_match(
+        logits_fn,
+        tokenizer,
+        examples,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=device,
+    )
+    table = {
+        t: {"loss": losses[t]["loss"], "exact_match": matches[t]["exact_match"], "n": matches[t]["n"]} for t in losses
+    }
     table["average"] = {
         "loss": sum(r["loss"] for r in table.values()) / len(table),
         "exact_match": sum(r["exact_match"] for r in table.values()) / len(table),

@@ -38,8 +38,10 @@ class Progress:
         done = step + 1
         elapsed = time.perf_counter() - self.began
         eta = elapsed / max(1, done - self.start) * (self.total - done)
-        text = (f"step {done}/{self.total}  loss {row['loss']:.4f}  aux {row['aux_loss']:.4f}  "
-                f"{row['tokens_per_s']:.0f} tok/s  ETA {_clock(eta)}")
+        text = (
+            f"step {done}/{self.total}  loss {row['loss']:.4f}  aux {row['aux_loss']:.4f}  "
+            f"{row['tokens_per_s']:.0f} tok/s  ETA {_clock(eta)}"
+        )
         if self.tty:
             print("\r" + text, end="\n" if done == self.total else "", file=sys.stderr, flush=True)
         elif done % self.every == 0 or done == self.total:

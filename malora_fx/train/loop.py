@@ -94,12 +94,22 @@ class Run:
     start_step: int = 0
 
     def step(self, step: int) -> dict[str, Any]:
-        return train_step(self.gm, step, self.batches(step), params=self.optimizer.param_groups[0]["params"],
-                          optimizer=self.optimizer, scheduler=self.scheduler, args=self.args,
-                          aux_loss_coef=self.config.aux_loss_coef, dist=self.dist)
+        return train_step(
+            self.gm,
+            step,
+            self.batches(step),
+            params=self.optimizer.param_groups[0]["params"],
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            args=self.args,
+            aux_loss_coef=self.config.aux_loss_coef,
+            dist=self.dist,
+        )
 
     def resume(self) -> None:
-        ckpt = latest_checkpoint(self.out_dir)
+        ckpt = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+        if ckpt is None:
+            raise MaloraError(f"--resume: no complete checkpoint in {self.out_dir}")
         state, optim, rng = read_checkpoint(ckpt)
         if state.get("fingerprint") != self.fingerprint:
             raise MaloraError(f"--resume: {ckpt} was made with other data or settings; resume with the same ones")
@@ -114,51 +124,72 @@ class Run:
         self.say(f"resuming from {ckpt.name} (step {self.start_step} of {self.total_steps})")
 
     def loop(self) -> TrainResult:
-        args, writes = self.args, self.out_dir is not None and self.dist.main
-        if writes:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        args = self.args
+        out = self.out_dir if self.dist.main else None  # only rank 0 writes
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
         log = MetricsFile(self.out_dir / METRICS) if self.out_dir is not None else None
         metrics = log.until(self.start_step, rewrite=self.dist.main) if log else []
         bar = Progress(self.total_steps, self.start_step, self.progress and self.dist.main)
         for step in range(self.start_step, self.total_steps):
             row = self.step(step)
             metrics.append(row)
-            if writes:
+            if out is not None and log is not None:
                 log.append(row)
             bar.update(step, row)
             done = step + 1
-            if writes and args.save_every and (done % args.save_every == 0 or done == self.total_steps):
-                self._save(done)
-        if writes:
-            save_adapters(self.gm, self.out_dir, base_model=self.base_model)
+            if out is not None and args.save_every and (done % args.save_every == 0 or done == self.total_steps):
+                self._save(out, done)
+        if out is not None:
+            save_adapters(self.gm, out, base_model=self.base_model)
         if self.eval_examples and self.dist.main:
-            metrics.append(self._evaluate())
-            if writes:
+            metrics.append(self._evaluate(self.eval_examples))
+            if log is not None and out is not None:
                 log.append(metrics[-1])
-        if writes:
-            plot_losses(metrics, self.out_dir / "loss.png")
+        if out is not None:
+            plot_losses(metrics, out / "loss.png")
         final = next((r["loss"] for r in reversed(metrics) if "loss" in r), float("nan"))
         return TrainResult(self.out_dir, self.total_steps, final, metrics, self.gm)
 
-    def _save(self, step: int) -> None:
+    def _save(self, out: Path, step: int) -> None:
         state = {"fingerprint": self.fingerprint, "total_steps": self.total_steps, "args": asdict(self.args)}
-        save_checkpoint(self.out_dir, step, optimizer=self.optimizer, state=state, keep=self.args.keep,
-                        write_adapters=lambda d: save_adapters(self.gm, d, base_model=self.base_model))
+        save_checkpoint(
+            out,
+            step,
+            optimizer=self.optimizer,
+            state=state,
+            keep=self.args.keep,
+            write_adapters=lambda d: save_adapters(self.gm, d, base_model=self.base_model),
+        )
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self, examples: list[Example]) -> dict[str, Any]:
         from .evaluate import task_losses
 
         set_adapters_training(self.gm, False)
-        losses = task_losses(lambda ids, mask: self.gm(input_ids=ids, attention_mask=mask).logits, self.tokenizer,
-                             self.eval_examples, self.args.max_length, self.args.batch_size, self.args.device)
+        losses = task_losses(
+            lambda ids, mask: self.gm(input_ids=ids, attention_mask=mask).logits,
+            self.tokenizer,
+            examples,
+            self.args.max_length,
+            self.args.batch_size,
+            self.args.device,
+        )
         set_adapters_training(self.gm, True)
         self.say("eval loss: " + ", ".join(f"{t} {v['loss']:.4f}" for t, v in losses.items()))
         return {"step": self.total_steps, "eval_loss": losses}
 
 
-def train(target: str | os.PathLike | fx.GraphModule, data: Data, args: TrainArgs | None = None, *,
-          tokenizer: Any = None, out_dir: str | os.PathLike | None = None, eval_data: Data | None = None,
-          progress: bool = True, say: Callable[[str], None] | None = None) -> TrainResult:
+def train(
+    target: str | os.PathLike | fx.GraphModule,
+    data: Data,
+    args: TrainArgs | None = None,
+    *,
+    tokenizer: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    eval_data: Data | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Train the adapters of a run directory, or of an adapted GraphModule in place.
 
     ``data`` and ``eval_data`` are JSONL paths or lists of
@@ -170,13 +201,22 @@ def train(target: str | os.PathLike | fx.GraphModule, data: Data, args: TrainArg
         >>> train("runs/smol", "data/train.jsonl", TrainArgs(steps=200, batch_size=8, lr=1e-3))
         >>> train(gm, examples, TrainArgs(steps=50), tokenizer=tok).gm   # the same gm, trained
     """
-    return prepare(target, data, args, tokenizer=tokenizer, out_dir=out_dir, eval_data=eval_data,
-                   progress=progress, say=say).loop()
+    return prepare(
+        target, data, args, tokenizer=tokenizer, out_dir=out_dir, eval_data=eval_data, progress=progress, say=say
+    ).loop()
 
 
-def prepare(target: str | os.PathLike | fx.GraphModule, data: Data, args: TrainArgs | None = None, *,
-            tokenizer: Any = None, out_dir: str | os.PathLike | None = None, eval_data: Data | None = None,
-            progress: bool = True, say: Callable[[str], None] | None = None) -> Run:
+def prepare(
+    target: str | os.PathLike | fx.GraphModule,
+    data: Data,
+    args: TrainArgs | None = None,
+    *,
+    tokenizer: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    eval_data: Data | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> Run:
     """Everything :func:`train` does before the first step (resume included); see :class:`Run`."""
     args = args or TrainArgs()
     say = say or (lambda message: print(f"malora-fx: {message}", file=sys.stderr, flush=True))
@@ -202,24 +242,47 @@ def prepare(target: str | os.PathLike | fx.GraphModule, data: Data, args: TrainA
     if truncated:
         say(f"{truncated} of {len(encoded)} examples longer than max_length {args.max_length} were truncated")
     total = total_steps(args, len(encoded))
-    schedule = plan_batches(encoded, batch_size=args.batch_size, num_batches=total * args.grad_accum,
-                            sampling=args.task_sampling, seed=args.seed)
-    if adapter_file is not None:
+    schedule = plan_batches(
+        encoded,
+        batch_size=args.batch_size,
+        num_batches=total * args.grad_accum,
+        sampling=args.task_sampling,
+        seed=args.seed,
+    )
+    model: fx.GraphModule
+    if adapter_file is not None and out is not None:  # a run directory
         config = config_from_file(adapter_file)
         say(f"capturing and transforming ({config.method}, {len(adapter_file['sites'])} sites)")
         example = collate([encoded[i] for i in schedule[0][:2]], pad)
-        gm = transform(loaded.model, config, {k: example[k] for k in ("input_ids", "attention_mask")})
-        load_adapters(gm, out)
-    else:
-        config = get_config(gm)
-        freeze_base(gm)
-    gm.to(args.device)
-    set_adapters_training(gm, True)
-    optimizer, scheduler = make_optimizer(trainable_parameters(gm), args, total)
+        model = transform(loaded.model, config, {k: example[k] for k in ("input_ids", "attention_mask")})
+        load_adapters(model, out)
+    elif gm is not None:  # a GraphModule held by the caller
+        model = gm
+        config = get_config(model)
+        freeze_base(model)
+    else:  # pragma: no cover - _target returns one of the two forms
+        raise AssertionError("unreachable")
+    model.to(args.device)
+    set_adapters_training(model, True)
+    optimizer, scheduler = make_optimizer(trainable_parameters(model), args, total)
     torch.manual_seed(args.seed)
-    run = Run(gm, tokenizer, args, config, dist, MicroBatches(encoded, schedule, pad, args.batch_size,
-              args.grad_accum, dist), total, optimizer, scheduler, fingerprint, out,
-              adapter_file["base_model"] if adapter_file is not None else None, eval_examples, progress, say)
+    run = Run(
+        model,
+        tokenizer,
+        args,
+        config,
+        dist,
+        MicroBatches(encoded, schedule, pad, args.batch_size, args.grad_accum, dist),
+        total,
+        optimizer,
+        scheduler,
+        fingerprint,
+        out,
+        adapter_file["base_model"] if adapter_file is not None else None,
+        eval_examples,
+        progress,
+        say,
+    )
     if args.resume:
         run.resume()
     return run
@@ -233,8 +296,9 @@ def _target(target, args: TrainArgs, tokenizer, out_dir) -> tuple[fx.GraphModule
         try:
             get_config(target)
         except ValueError:
-            raise MaloraError("target: this GraphModule has no malora-fx adapters; make it with malora_fx.transform"
-                              ) from None
+            raise MaloraError(
+                "target: this GraphModule has no malora-fx adapters; make it with malora_fx.transform"
+            ) from None
         if out_dir is None and (args.save_every or args.resume):
             what = "resume=True" if args.resume else f"save_every={args.save_every}"
             raise MaloraError(f"out_dir: {what} needs out_dir, the directory that holds the checkpoints")
@@ -253,15 +317,17 @@ def _check_checkpoints(run_dir: Path, resume: bool) -> None:
     if resume and latest_checkpoint(run_dir) is None:
         raise MaloraError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     if not resume and existing:
-        raise MaloraError(f"{run_dir} already has checkpoints ({existing[-1].name}); pass --resume to "
-                          "continue, or transform into a new run directory")
+        raise MaloraError(
+            f"{run_dir} already has checkpoints ({existing[-1].name}); pass --resume to "
+            "continue, or transform into a new run directory"
+        )
 
 
 def _examples(data: Data, name: str) -> list[Example]:
     if isinstance(data, (str, os.PathLike)):
-        return read_jsonl(data)
-    examples = list(data) if isinstance(data, Sequence) else []
-    if not examples or not all(isinstance(e, Example) for e in examples):
+        return read_jsonl(Path(data))
+    examples = [e for e in data if isinstance(e, Example)] if isinstance(data, Sequence) else []
+    if not examples or len(examples) != len(data):
         raise MaloraError(f"{name}: expected a JSONL path or a non-empty list of malora_fx.train.data.Example")
     return examples
 

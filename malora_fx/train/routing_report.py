@@ -10,8 +10,8 @@ bright column per site.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -21,8 +21,9 @@ from .data import Example, collate, encode, pad_id
 
 
 @torch.no_grad()
-def expert_load(gm, tokenizer, examples: Sequence[Example], *, max_length: int = 512, batch_size: int = 8,
-                device: str = "cpu") -> dict[str, dict[str, list[float]]]:
+def expert_load(
+    gm, tokenizer, examples: Sequence[Example], *, max_length: int = 512, batch_size: int = 8, device: str = "cpu"
+) -> dict[str, dict[str, list[float]]]:
     """``{task: {site: [fraction of tokens choosing expert t]}}`` over real tokens."""
     layers = {fqn: layer for fqn, layer in adapter_layers(gm).items() if isinstance(layer, MixtureLayer)}
     if not layers:
@@ -36,7 +37,7 @@ def expert_load(gm, tokenizer, examples: Sequence[Example], *, max_length: int =
         by_task.setdefault(e.task, []).append(e)
     for task, items in sorted(by_task.items()):
         for start in range(0, len(items), batch_size):
-            encoded = [encode(e, tokenizer, max_length) for e in items[start:start + batch_size]]
+            encoded = [encode(e, tokenizer, max_length) for e in items[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
             gm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             for fqn, layer in layers.items():
@@ -59,10 +60,11 @@ def plot_expert_load(load: dict[str, dict[str, list[float]]], path: str | Path) 
     sites = list(next(iter(load.values())))
     num_experts = len(next(iter(next(iter(load.values())).values())))
     height = max(3.0, 0.12 * len(sites) + 1.5)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 0.35 * num_experts * len(tasks) + 2.5, height),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(1.2 + 0.35 * num_experts * len(tasks) + 2.5, height), squeeze=False, sharey=True
+    )
     vmax = max(max(max(row) for row in per_site.values()) for per_site in load.values())
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         grid = torch.tensor([load[task][s] for s in sites])
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
         ax.set_title(task, fontsize=9)

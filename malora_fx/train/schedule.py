@@ -36,8 +36,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], args: TrainArgs, total: int,
-                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    args: TrainArgs,
+    total: int,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` and its warm-up + cosine scheduler for a run of ``total`` steps."""
     optimizer = torch.optim.AdamW(list(params), lr=args.lr, weight_decay=args.weight_decay)
     warmup = int(args.warmup_ratio * total)

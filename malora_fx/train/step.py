@@ -49,19 +49,27 @@ class MicroBatches:
 
     def __call__(self, step: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
         """``(collated batch, response tokens of the whole step)`` per micro-batch of ``step`` (from 0)."""
-        batches = self.schedule[step * self.grad_accum:(step + 1) * self.grad_accum]
+        batches = self.schedule[step * self.grad_accum : (step + 1) * self.grad_accum]
         tokens = sum(label_tokens(self.encoded[i]) for batch in batches for i in batch)
         share = self.batch_size // self.dist.world
         rank = self.dist.rank
         for batch in batches:
-            mine = batch[rank * share:(rank + 1) * share]
+            mine = batch[rank * share : (rank + 1) * share]
             yield collate([self.encoded[i] for i in mine], self.pad_id), max(tokens, 1)
 
 
-def train_step(gm: nn.Module, step: int, micro_batches: Iterable[tuple[dict[str, torch.Tensor], int]], *,
-               params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, args: TrainArgs, aux_loss_coef: float,
-               dist: Dist) -> dict[str, Any]:
+def train_step(
+    gm: nn.Module,
+    step: int,
+    micro_batches: Iterable[tuple[dict[str, torch.Tensor], int]],
+    *,
+    params: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    args: TrainArgs,
+    aux_loss_coef: float,
+    dist: Dist,
+) -> dict[str, Any]:
     """Run optimizer step ``step`` (from 0) of ``gm`` over ``micro_batches``; returns its metrics row."""
     device = args.device
     started = time.perf_counter()
@@ -73,8 +81,15 @@ def train_step(gm: nn.Module, step: int, micro_batches: Iterable[tuple[dict[str,
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = gm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                             ignore_index=IGNORE, reduction="sum") / step_tokens
+        ce = (
+            F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1),
+                batch["labels"][:, 1:].flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+            / step_tokens
+        )
         aux = aux_loss(gm, batch["attention_mask"], all_reduce=reduce).to(ce.device) / args.grad_accum
         (ce + aux_loss_coef * aux).backward()
         ce_total += ce.detach()
@@ -82,7 +97,8 @@ def train_step(gm: nn.Module, step: int, micro_batches: Iterable[tuple[dict[str,
         seen += int(batch["attention_mask"].sum())
     if dist.world > 1:
         for p in params:
-            p.grad = dist.all_reduce(p.grad)
+            if p.grad is not None:
+                p.grad = dist.all_reduce(p.grad)
         ce_total, aux_total = dist.all_reduce(ce_total), dist.all_reduce(aux_total)
         seen = int(dist.all_reduce(torch.tensor(seen, device=device)))
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -91,6 +107,13 @@ def train_step(gm: nn.Module, step: int, micro_batches: Iterable[tuple[dict[str,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
-    return {"step": step + 1, "loss": float(ce_total), "aux_loss": float(aux_total), "lr": lr,
-            "grad_norm": float(grad_norm), "tokens": seen, "tokens_per_s": seen / max(elapsed, 1e-9),
-            "seconds": elapsed}
+    return {
+        "step": step + 1,
+        "loss": float(ce_total),
+        "aux_loss": float(aux_total),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": seen,
+        "tokens_per_s": seen / max(elapsed, 1e-9),
+        "seconds": elapsed,
+    }

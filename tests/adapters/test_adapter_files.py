@@ -10,8 +10,12 @@ from safetensors import safe_open
 import malora_fx as mf
 from malora_fx.adapters.files import CONFIG_FILE, WEIGHTS_FILE
 
-FILE_KEYS = {"malora": {"S", "P", "B", "router"}, "molora": {"A", "B", "router"},
-             "hydralora": {"A", "B", "router"}, "lora": {"A", "B"}}
+FILE_KEYS = {
+    "malora": {"S", "P", "B", "router"},
+    "molora": {"A", "B", "router"},
+    "hydralora": {"A", "B", "router"},
+    "lora": {"A", "B"},
+}
 
 
 def _adapted(method, targets="q_proj,v_proj", **changes):
@@ -38,11 +42,21 @@ def test_file_layout_matches_the_contract(tmp_path):
     mf.save_adapters(gm, tmp_path, base_model="tiny-llama")
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["format"] == "malora-fx/1" and config["method"] == "malora" and config["base_model"] == "tiny-llama"
-    for key in ("num_experts", "top_k", "rank", "shared_rank", "alpha", "beta", "dropout", "normalize_top_k",
-                "aux_loss_coef"):
+    for key in (
+        "num_experts",
+        "top_k",
+        "rank",
+        "shared_rank",
+        "alpha",
+        "beta",
+        "dropout",
+        "normalize_top_k",
+        "aux_loss_coef",
+    ):
         assert key in config
-    assert config["sites"] == {f"model.layers.{i}.self_attn.q_proj": {"in_features": 64, "out_features": 64}
-                               for i in (0, 1)}
+    assert config["sites"] == {
+        f"model.layers.{i}.self_attn.q_proj": {"in_features": 64, "out_features": 64} for i in (0, 1)
+    }
     with safe_open(str(tmp_path / WEIGHTS_FILE), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     site = "model.layers.0.self_attn.q_proj"
@@ -82,9 +96,14 @@ def test_load_rejects_other_shapes_and_copies_nothing(tmp_path):
     gm, _ = _adapted("malora", rank=6)
     mf.save_adapters(gm, tmp_path)
     other, _ = _adapted("malora", rank=4)
-    before = {k: v.clone() for k, v in mf.adapter_layers(other)["model.layers.0.self_attn.q_proj"].file_tensors().items()}
-    with pytest.raises(mf.AdapterFileError, match=r"model.layers.0.self_attn.q_proj.P has shape \[4, 6, 10\], "
-                                                  r"the model needs \[4, 4, 10\]"):
+    before = {
+        k: v.clone() for k, v in mf.adapter_layers(other)["model.layers.0.self_attn.q_proj"].file_tensors().items()
+    }
+    with pytest.raises(
+        mf.AdapterFileError,
+        match=r"model.layers.0.self_attn.q_proj.P has shape \[4, 6, 10\], "
+        r"the model needs \[4, 4, 10\]",
+    ):
         mf.load_adapters(other, tmp_path)
     after = mf.adapter_layers(other)["model.layers.0.self_attn.q_proj"].file_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)

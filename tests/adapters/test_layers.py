@@ -31,8 +31,7 @@ def _random_layer(method, n=24, m=20, normalize=False, **changes):
 def test_layer_matches_token_by_token_reference(method, normalize):
     layer, cfg = _random_layer(method, normalize=normalize)
     x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2))
-    expected = reference_update(method, layer.file_tensors(), x, top_k=cfg.top_k, scale=cfg.scale,
-                                normalize=normalize)
+    expected = reference_update(method, layer.file_tensors(), x, top_k=cfg.top_k, scale=cfg.scale, normalize=normalize)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
 
 
@@ -42,7 +41,8 @@ def test_file_shapes_and_parameter_count(method):
     shapes = {k: tuple(v.shape) for k, v in layer.file_tensors().items()}
     assert shapes == LAYER_CLASSES[method].file_shapes(24, 20, cfg)
     assert sum(p.numel() for p in layer.parameters()) == site_parameters(
-        method, 24, 20, num_experts=cfg.num_experts, rank=cfg.rank, shared_rank=cfg.shared_rank)
+        method, 24, 20, num_experts=cfg.num_experts, rank=cfg.rank, shared_rank=cfg.shared_rank
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)

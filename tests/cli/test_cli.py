@@ -23,8 +23,19 @@ def run(capsys, *argv):
 
 def test_transform_writes_adapter_files_and_table(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code, out, err = run(capsys, "transform", "tiny-llama", "--out", str(out_dir), "--targets", "q_proj,v_proj",
-                         "--rank", "4", "--shared-rank", "16")
+    code, out, err = run(
+        capsys,
+        "transform",
+        "tiny-llama",
+        "--out",
+        str(out_dir),
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "4",
+        "--shared-rank",
+        "16",
+    )
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out_dir / "adapter_config.json").read_text())
@@ -37,29 +48,45 @@ def test_transform_writes_adapter_files_and_table(tmp_path, capsys):
 
 
 def test_json_summary(tmp_path, capsys):
-    code, out, _ = run(capsys, "transform", "tiny-gpt2", "--dry-run", "--json", "--method", "molora",
-                       "--rank", "4", "--experts", "4", "--top-k", "1")
+    code, out, _ = run(
+        capsys,
+        "transform",
+        "tiny-gpt2",
+        "--dry-run",
+        "--json",
+        "--method",
+        "molora",
+        "--rank",
+        "4",
+        "--experts",
+        "4",
+        "--top-k",
+        "1",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["method"] == "molora" and data["out"] is None
     assert len(data["sites"]) == 8
-    expected = sum(site_parameters("molora", s["in_features"], s["out_features"], num_experts=4, rank=4)
-                   for s in data["sites"])
+    expected = sum(
+        site_parameters("molora", s["in_features"], s["out_features"], num_experts=4, rank=4) for s in data["sites"]
+    )
     assert data["trainable_parameters"] == expected == data["methods"]["molora"]["trainable_parameters"]
     assert set(data["methods"]) == {"malora", "molora", "hydralora", "lora"}
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args, percent", [
-    (["--method", "lora", "--rank", "64"], "2.12"),
-    (["--method", "molora", "--rank", "8"], "2.24"),
-    (["--method", "molora", "--rank", "12"], "3.31"),
-    (["--method", "malora", "--rank", "12", "--shared-rank", "32"], "2.36"),
-    (["--method", "malora", "--rank", "8", "--shared-rank", "22"], "1.62"),
-])
+@pytest.mark.parametrize(
+    "args, percent",
+    [
+        (["--method", "lora", "--rank", "64"], "2.12"),
+        (["--method", "molora", "--rank", "8"], "2.24"),
+        (["--method", "molora", "--rank", "12"], "3.31"),
+        (["--method", "malora", "--rank", "12", "--shared-rank", "32"], "2.36"),
+        (["--method", "malora", "--rank", "8", "--shared-rank", "22"], "1.62"),
+    ],
+)
 def test_llama2_7b_dry_run_reproduces_paper_percentages(args, percent, capsys):
-    code, out, err = run(capsys, "transform", str(EXAMPLE_7B), "--dry-run", "--json", "--targets", PAPER_TARGETS,
-                         *args)
+    code, out, err = run(capsys, "transform", str(EXAMPLE_7B), "--dry-run", "--json", "--targets", PAPER_TARGETS, *args)
     assert code == 0, err
     data = json.loads(out)
     assert data["base_parameters"] == 6_738_415_616
@@ -111,7 +138,11 @@ def test_refuses_to_overwrite_a_non_empty_out_dir(tmp_path, capsys):
 
 
 def test_console_script_exit_code():
-    proc = subprocess.run([sys.executable, "-m", "malora_fx.cli", "transform", "tiny-llama", "--top-k", "0"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "malora_fx.cli", "transform", "tiny-llama", "--top-k", "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "malora-fx: error: top_k: 0 is not allowed; expected an integer >= 1"

@@ -9,12 +9,25 @@ from malora_fx.errors import MaloraError
 
 
 def decoder_manifest(**changes) -> ExportManifest:
-    fields = dict(base_model="tiny-llama", method="malora", adapters="/runs/a", dtype="fp16", opset=18,
-                  kind="decoder", inputs=["input_ids", "attention_mask", "position_ids",
-                                          "past_key_values.0.key", "past_key_values.0.value"],
-                  outputs=["logits", "present.0.key", "present.0.value"], kv_cache=True, switchable=True,
-                  fused=False, adapter_parameters={"malora_lowered.q__router": [4, 64]}, num_layers=1,
-                  num_kv_heads=2, head_dim=16, vocab_size=258, max_positions=256)
+    fields = dict(
+        base_model="tiny-llama",
+        method="malora",
+        adapters="/runs/a",
+        dtype="fp16",
+        opset=18,
+        kind="decoder",
+        inputs=["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"],
+        outputs=["logits", "present.0.key", "present.0.value"],
+        kv_cache=True,
+        switchable=True,
+        fused=False,
+        adapter_parameters={"malora_lowered.q__router": [4, 64]},
+        num_layers=1,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=258,
+        max_positions=256,
+    )
     fields.update(changes)
     return ExportManifest(**fields)
 
@@ -25,9 +38,26 @@ def test_round_trip_to_json_from_json():
     assert ExportManifest.from_json(text) == manifest
     assert ExportManifest.from_json(text).to_json() == text
     data = json.loads(text)
-    assert list(data) == ["format", "base_model", "method", "adapters", "dtype", "opset", "kind", "inputs",
-                          "outputs", "kv_cache", "switchable", "fused", "adapter_parameters", "num_layers",
-                          "num_kv_heads", "head_dim", "vocab_size", "max_positions"]
+    assert list(data) == [
+        "format",
+        "base_model",
+        "method",
+        "adapters",
+        "dtype",
+        "opset",
+        "kind",
+        "inputs",
+        "outputs",
+        "kv_cache",
+        "switchable",
+        "fused",
+        "adapter_parameters",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "vocab_size",
+        "max_positions",
+    ]
     assert data["format"] == EXPORT_FORMAT == "malora-fx-export/1"
     assert data["adapter_parameters"] == {"malora_lowered.q__router": [4, 64]}
 
@@ -48,12 +78,17 @@ def test_unknown_key_is_refused_naming_it():
         ExportManifest.from_json(json.dumps(data))
 
 
-@pytest.mark.parametrize("found, message", [
-    ("malora-fx-export/2", "format 'malora-fx-export/2' is newer than this malora-fx supports "
-                           "('malora-fx-export/1')"),
-    ("something-else/1", "format 'something-else/1' is not supported; supported: 'malora-fx-export/1'"),
-    (None, "no 'format' key"),
-])
+@pytest.mark.parametrize(
+    "found, message",
+    [
+        (
+            "malora-fx-export/2",
+            "format 'malora-fx-export/2' is newer than this malora-fx supports ('malora-fx-export/1')",
+        ),
+        ("something-else/1", "format 'something-else/1' is not supported; supported: 'malora-fx-export/1'"),
+        (None, "no 'format' key"),
+    ],
+)
 def test_newer_or_unknown_format_is_refused(found, message):
     data = json.loads(decoder_manifest().to_json())
     data["format"] = found

@@ -33,14 +33,25 @@ def test_decoder_export_matches_pytorch(method, tmp_path):
     assert model.opset_import[0].version >= 18
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    assert inputs == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
-                      "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert inputs == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
+    ]
     assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     assert not any(n.domain == "com.microsoft" for n in model.graph.node)
     manifest = ExportManifest.read(out)  # export.json parses, and is exactly what the manifest writes
     assert (out / "export.json").read_text() == manifest.to_json()
-    assert (manifest.format, manifest.kind, manifest.method, manifest.kv_cache) == \
-        (EXPORT_FORMAT, "decoder", method, True)
+    assert (manifest.format, manifest.kind, manifest.method, manifest.kv_cache) == (
+        EXPORT_FORMAT,
+        "decoder",
+        method,
+        True,
+    )
     assert (manifest.inputs, manifest.outputs) == (tuple(inputs), tuple(outputs))
     assert (manifest.num_layers, manifest.num_kv_heads, manifest.head_dim) == (2, 2, 16)
     assert manifest.adapters == str(run.resolve())
@@ -58,8 +69,9 @@ def test_decoder_export_matches_pytorch(method, tmp_path):
 
     prompt = list(ids[0])
     ort_tokens = list(gen.generate(prompt, max_new_tokens=32))
-    pt_tokens = greedy_generate(lambda i, m: gm(input_ids=i, attention_mask=m).logits, [prompt], max_new_tokens=32,
-                                stop_ids=set(), pad_id=256)[0]
+    pt_tokens = greedy_generate(
+        lambda i, m: gm(input_ids=i, attention_mask=m).logits, [prompt], max_new_tokens=32, stop_ids=set(), pad_id=256
+    )[0]
     assert ort_tokens == pt_tokens
 
 
@@ -72,6 +84,7 @@ def test_encoder_export_and_base_only(tmp_path):
     assert "num_layers" not in meta  # decoder keys only for KV-cache exports
     assert ExportManifest.read(out).to_dict() == meta
     import onnxruntime as ort
+
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(1).integers(0, 258, size=(3, 5))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
@@ -92,13 +105,16 @@ def test_cli_export_and_run(tmp_path, capsys):
     assert "onnxruntime CPUExecutionProvider" in captured.err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "{tmp}", "--prompt", "x"], "no model.onnx / export.json"),
-    (["run", "{exp}", "--prompt", "x", "--provider", "tpu"], "unknown provider 'tpu'; allowed: auto, cuda, cpu"),
-    (["run", "{exp}", "--prompt", "x" * 300], "exceeds the model's context of 256 positions"),
-    (["export", "{run}", "--out", "{tmp}/e2", "--dtype", "int4"], "--dtype: 'int4'; allowed: fp32, fp16"),
-    (["export", "{run}", "--out", "{tmp}/e3", "--opset", "13"], "--opset: 13 is too old"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "{tmp}", "--prompt", "x"], "no model.onnx / export.json"),
+        (["run", "{exp}", "--prompt", "x", "--provider", "tpu"], "unknown provider 'tpu'; allowed: auto, cuda, cpu"),
+        (["run", "{exp}", "--prompt", "x" * 300], "exceeds the model's context of 256 positions"),
+        (["export", "{run}", "--out", "{tmp}/e2", "--dtype", "int4"], "--dtype: 'int4'; allowed: fp32, fp16"),
+        (["export", "{run}", "--out", "{tmp}/e3", "--opset", "13"], "--opset: 13 is too old"),
+    ],
+)
 def test_bad_input_exit_2(argv, message, tmp_path, capsys):
     run = make_run(tmp_path / "run", "tiny-llama", "lora")
     exp = tmp_path / "exp"
@@ -111,8 +127,13 @@ def test_bad_input_exit_2(argv, message, tmp_path, capsys):
 
 
 def _logits(gen, ids, options=None):
-    return gen.step(ids, np.ones_like(ids), np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
-                    gen.empty_past(ids.shape[0]), options)[0]
+    return gen.step(
+        ids,
+        np.ones_like(ids),
+        np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
+        gen.empty_past(ids.shape[0]),
+        options,
+    )[0]
 
 
 @pytest.mark.parametrize("method", ["malora", "lora"])
@@ -132,8 +153,13 @@ def test_one_session_serves_two_adapter_files(method, tmp_path):
         own = OrtGenerator(export_run(tmp_path / name, tmp_path / f"own-{name}"), "cpu")
         swapped = _logits(served, ids, served.run_options(tmp_path / f"{name}.onnx_adapter"))
         assert np.abs(swapped - _logits(own, ids)).max() <= 1e-4
-    assert np.abs(_logits(served, ids, served.run_options(tmp_path / "a.onnx_adapter"))
-                  - _logits(served, ids, served.run_options(tmp_path / "b.onnx_adapter"))).max() > 1e-3
+    assert (
+        np.abs(
+            _logits(served, ids, served.run_options(tmp_path / "a.onnx_adapter"))
+            - _logits(served, ids, served.run_options(tmp_path / "b.onnx_adapter"))
+        ).max()
+        > 1e-3
+    )
 
 
 def test_adapter_for_another_export_is_rejected(tmp_path, capsys):
@@ -210,8 +236,10 @@ def test_lowering_and_fusion_node_counts(tmp_path):
     six = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
     run = make_run(tmp_path / "run", "tiny-llama", "malora", targets=six)
     layers = tiny("tiny-llama")[0].config.num_hidden_layers
-    graphs = {name: onnx.load(str(export_run(run, tmp_path / name, **options) / "model.onnx"))
-              for name, options in [("base", {"base_only": True}), ("unfused", {"fuse": False}), ("fused", {})]}
+    graphs = {
+        name: onnx.load(str(export_run(run, tmp_path / name, **options) / "model.onnx"))
+        for name, options in [("base", {"base_only": True}), ("unfused", {"fuse": False}), ("fused", {})]
+    }
     count = {name: len(g.graph.node) for name, g in graphs.items()}
     matmuls = {name: sum(n.op_type == "MatMul" for n in g.graph.node) for name, g in graphs.items()}
     assert count["unfused"] - count["base"] == 11 * 6 * layers

@@ -12,7 +12,7 @@ from malora_fx.graph.sources import BUILTIN_NAMES, tiny_model
 
 def test_tiny_models_are_deterministic():
     a, b = tiny_model("tiny-llama"), tiny_model("tiny-llama")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert set(BUILTIN_NAMES) == {"smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert"}
 
 
@@ -28,7 +28,9 @@ def test_local_transformers_directory(tmp_path):
 def test_directory_with_only_pickle_weights_is_refused(tmp_path):
     tiny_model("tiny-llama").config.save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(mf.ModelSourceError, match="no \\*.safetensors weights \\(pickle checkpoints are never loaded\\)"):
+    with pytest.raises(
+        mf.ModelSourceError, match="no \\*.safetensors weights \\(pickle checkpoints are never loaded\\)"
+    ):
         mf.load_model(tmp_path)
 
 
@@ -40,9 +42,12 @@ def test_bare_config_builds_on_meta(tmp_path):
     assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"hello", "is not a GGUF file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"hello", "is not a GGUF file"),
+    ],
+)
 def test_bad_gguf(tmp_path, content, message):
     path = tmp_path / "model.gguf"
     path.write_bytes(content)
@@ -58,5 +63,7 @@ def test_json_that_is_not_a_config(tmp_path):
 
 
 def test_unknown_fetch_name():
-    with pytest.raises(mf.ModelSourceError, match="'tiny-llama' is not a packaged model; allowed: smollm2-135m, minilm-l6"):
+    with pytest.raises(
+        mf.ModelSourceError, match="'tiny-llama' is not a packaged model; allowed: smollm2-135m, minilm-l6"
+    ):
         mf.fetch("tiny-llama")

@@ -56,8 +56,9 @@ def test_all_linear_excludes_tied_gpt2_head_and_finds_conv1d():
     AnnotateTargets("all-linear")(gm)
     names = _annotated(gm)
     assert "lm_head" not in names
-    assert names == sorted(f"transformer.h.{i}.{p}" for i in (0, 1)
-                           for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert names == sorted(
+        f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
 
 
 def test_no_match_lists_the_linear_modules(llama_graph):

@@ -45,8 +45,12 @@ def _readers_of_x(gm):
     """Projection calls (linear / matmul by a get_attr) per input node."""
     counts = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (aten.linear.default, aten.matmul.default) \
-                and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+        if (
+            node.op == "call_function"
+            and node.target in (aten.linear.default, aten.matmul.default)
+            and isinstance(node.args[1], torch.fx.Node)
+            and node.args[1].op == "get_attr"
+        ):
             counts[node.args[0]] = counts.get(node.args[0], 0) + 1
     return counts
 

@@ -67,10 +67,14 @@ def test_random_adapters_match_reference(name, method, normalize):
     gm = mf.transform(model, cfg, kwargs)
     randomize_adapters(gm, std=0.05, seed=7)
     out = main_output(gm(**kwargs))
-    tensors = {fqn: {k: v.detach().clone() for k, v in layer.file_tensors().items()}
-               for fqn, layer in mf.adapter_layers(gm).items()}
-    with torch.no_grad(), hooked_reference(model, tensors, method=method, top_k=cfg.top_k, scale=cfg.scale,
-                                           normalize=normalize):
+    tensors = {
+        fqn: {k: v.detach().clone() for k, v in layer.file_tensors().items()}
+        for fqn, layer in mf.adapter_layers(gm).items()
+    }
+    with (
+        torch.no_grad(),
+        hooked_reference(model, tensors, method=method, top_k=cfg.top_k, scale=cfg.scale, normalize=normalize),
+    ):
         expected = main_output(model(**kwargs))
     base = main_output(model(**kwargs))
     assert (expected - base).abs().max() > 1e-3  # the adapters really change the output
@@ -117,8 +121,12 @@ def test_plain_module_through_symbolic_trace_and_export():
         assert set(mf.adapter_layers(gm)) == {"0", "2"}
         torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=0)
         randomize_adapters(gm)
-        tensors = {f: {k: v.detach() for k, v in l.file_tensors().items()} for f, l in mf.adapter_layers(gm).items()}
+        tensors = {
+            f: {k: v.detach() for k, v in layer.file_tensors().items()} for f, layer in mf.adapter_layers(gm).items()
+        }
         reference = copy.deepcopy(model)  # symbolic_trace shares the modules: hook a copy
-        with torch.no_grad(), hooked_reference(reference, tensors, method="malora", top_k=2, scale=cfg.scale,
-                                               normalize=False):
+        with (
+            torch.no_grad(),
+            hooked_reference(reference, tensors, method="malora", top_k=2, scale=cfg.scale, normalize=False),
+        ):
             torch.testing.assert_close(gm(x), reference(x), atol=1e-5, rtol=0)

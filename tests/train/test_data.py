@@ -28,24 +28,38 @@ def _write(tmp_path, lines):
 
 
 def test_reads_both_formats(tmp_path):
-    path = _write(tmp_path, [
-        json.dumps({"task": "a", "prompt": "p", "response": "r"}),
-        "",
-        json.dumps({"task": "b", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                                               {"role": "assistant", "content": "ans"}]}),
-    ])
+    path = _write(
+        tmp_path,
+        [
+            json.dumps({"task": "a", "prompt": "p", "response": "r"}),
+            "",
+            json.dumps(
+                {
+                    "task": "b",
+                    "messages": [
+                        {"role": "system", "content": "s"},
+                        {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "ans"},
+                    ],
+                }
+            ),
+        ],
+    )
     a, b = read_jsonl(path)
     assert (a.task, a.prompt, a.response) == ("a", "p", "r")
     assert (b.task, b.prompt, b.response, len(b.messages)) == ("b", "q", "ans", 3)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"task": "a", "prompt": "p"', "d.jsonl:2: not valid JSON"),
-    ('["a"]', "d.jsonl:2: expected a JSON object, got list"),
-    ('{"prompt": "p", "response": "r"}', 'd.jsonl:2: "task" must be a non-empty string'),
-    ('{"task": "a", "prompt": 3, "response": "r"}', 'd.jsonl:2: "prompt" must be a string'),
-    ('{"task": "a", "messages": [{"role": "user", "content": "q"}]}', "d.jsonl:2: the last message must be"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"task": "a", "prompt": "p"', "d.jsonl:2: not valid JSON"),
+        ('["a"]', "d.jsonl:2: expected a JSON object, got list"),
+        ('{"prompt": "p", "response": "r"}', 'd.jsonl:2: "task" must be a non-empty string'),
+        ('{"task": "a", "prompt": 3, "response": "r"}', 'd.jsonl:2: "prompt" must be a string'),
+        ('{"task": "a", "messages": [{"role": "user", "content": "q"}]}', "d.jsonl:2: the last message must be"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = _write(tmp_path, [json.dumps({"task": "a", "prompt": "p", "response": "r"}), line])
     with pytest.raises(DataError) as info:
@@ -77,7 +91,7 @@ def test_chat_template_masks_the_prompt(smollm2):
     enc = encode(Example("t", (("user", "What is 2+2?"), ("assistant", "4"))), tok, 512)
     response = tok.decode([t for t in enc.labels if t != IGNORE])
     assert response.startswith("4") and "<|im_end|>" in response
-    assert "What is 2+2?" in tok.decode(enc.input_ids[:enc.prompt_length])
+    assert "What is 2+2?" in tok.decode(enc.input_ids[: enc.prompt_length])
 
 
 def test_sampling_modes():
@@ -113,8 +127,12 @@ def test_length_grouping_reduces_padding():
     enc = _toy_encoded()
     grouped = plan_batches(enc, batch_size=4, num_batches=40, sampling="proportional", seed=0)
     ungrouped = plan_batches(enc, batch_size=4, num_batches=40, sampling="proportional", seed=0, group_size=1)
-    pad = lambda batches: sum(max(len(enc[i].input_ids) for i in b) * len(b) - sum(len(enc[i].input_ids) for i in b)
-                              for b in batches)  # noqa: E731
+
+    def pad(batches):
+        return sum(
+            max(len(enc[i].input_ids) for i in b) * len(b) - sum(len(enc[i].input_ids) for i in b) for b in batches
+        )
+
     assert pad(grouped) < pad(ungrouped) / 2
 
 

@@ -24,7 +24,7 @@ def test_batched_greedy_generation_equals_one_by_one():
     model, _ = tiny("tiny-llama")
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
     batched = greedy_generate(_logits_fn(model), prompts, max_new_tokens=6, stop_ids=set(), pad_id=256)
-    for prompt, got in zip(prompts, batched):
+    for prompt, got in zip(prompts, batched, strict=True):
         ids = torch.tensor([prompt])
         expected = []
         for _ in range(6):
@@ -38,7 +38,7 @@ def test_generation_stops_at_stop_token():
     model, _ = tiny("tiny-llama")
     first = greedy_generate(_logits_fn(model), [[5, 6]], max_new_tokens=5, stop_ids=set(), pad_id=256)[0]
     stopped = greedy_generate(_logits_fn(model), [[5, 6]], max_new_tokens=5, stop_ids={first[2]}, pad_id=256)[0]
-    assert stopped == first[:first.index(first[2])]
+    assert stopped == first[: first.index(first[2])]
 
 
 def test_task_loss_is_mean_response_cross_entropy():
@@ -61,12 +61,14 @@ def test_exact_match_counts_a_model_that_knows_the_answer():
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
             text = ids[row, :n].tolist()
-            after = text[text.index(198) + 1:] if 198 in text else []
+            after = text[text.index(198) + 1 :] if 198 in text else []
             logits[row, n - 1, answer[min(len(after), len(answer) - 1)]] = 1.0
         return logits
 
-    examples = [Example("t", (("user", "say ok"), ("assistant", "ok"))),
-                Example("t", (("user", "say no"), ("assistant", "no")))]
+    examples = [
+        Example("t", (("user", "say ok"), ("assistant", "ok"))),
+        Example("t", (("user", "say no"), ("assistant", "no"))),
+    ]
     assert exact_match(oracle, tok, examples, max_length=64, batch_size=2)["t"] == {"exact_match": 0.5, "n": 2}
 
 
@@ -93,8 +95,21 @@ def tiny_run(tmp_path_factory):
 
 def test_eval_cli_json_with_base(tiny_run, capsys):
     capsys.readouterr()
-    assert main(["eval", str(tiny_run / "run"), "--data", str(tiny_run / "data" / "eval.jsonl"), "--base",
-                 "--json", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_run / "run"),
+                "--data",
+                str(tiny_run / "data" / "eval.jsonl"),
+                "--base",
+                "--json",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     assert set(results) == {"adapted", "base"}
     tasks = {"reverse", "uppercase", "first_letters", "count_vowels", "remove_vowels", "average"}
@@ -107,16 +122,20 @@ def test_eval_cli_json_with_base(tiny_run, capsys):
 
 def test_inspect_cli_writes_heatmap(tiny_run, capsys, tmp_path):
     plot = tmp_path / "routing.png"
-    assert main(["inspect", str(tiny_run / "run"), "--data", str(tiny_run / "data" / "eval.jsonl"),
-                 "--plot", str(plot)]) == 0
+    assert (
+        main(["inspect", str(tiny_run / "run"), "--data", str(tiny_run / "data" / "eval.jsonl"), "--plot", str(plot)])
+        == 0
+    )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "reverse: 4 sites" in out
 
 
 def test_inspect_lora_has_no_router(tiny_run, capsys, tmp_path):
-    assert main(["transform", "tiny-llama", "--out", str(tmp_path / "lora"), "--method", "lora",
-                 "--targets", "q_proj"]) == 0
+    assert (
+        main(["transform", "tiny-llama", "--out", str(tmp_path / "lora"), "--method", "lora", "--targets", "q_proj"])
+        == 0
+    )
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "lora"), "--data", str(tiny_run / "data" / "eval.jsonl")]) == 2
     assert "no router" in capsys.readouterr().err

@@ -50,11 +50,18 @@ def test_same_seed_same_output_different_seed_different_output():
 
 
 def test_output_does_not_depend_on_hash_randomization():
-    code = ("import json; from malora_fx.train.suites import make_suite; "
-            "print(json.dumps(make_suite('inter', train=5, eval=2, seed=11)))")
+    code = (
+        "import json; from malora_fx.train.suites import make_suite; "
+        "print(json.dumps(make_suite('inter', train=5, eval=2, seed=11)))"
+    )
     outputs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        ).stdout
         for hash_seed in ("1", "2")
     }
     assert len(outputs) == 1
@@ -101,12 +108,40 @@ def test_train_examples_are_shuffled_across_tasks():
 # --------------------------------------------------------------------------- independent answer checks
 
 WEEKDAY_NAMES = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-EUROZONE = {"AT", "BE", "CY", "DE", "EE", "ES", "FI", "FR", "GR", "HR", "IE", "IT", "LT", "LU", "LV", "MT", "NL",
-            "PT", "SI", "SK"}
+EUROZONE = {
+    "AT",
+    "BE",
+    "CY",
+    "DE",
+    "EE",
+    "ES",
+    "FI",
+    "FR",
+    "GR",
+    "HR",
+    "IE",
+    "IT",
+    "LT",
+    "LU",
+    "LV",
+    "MT",
+    "NL",
+    "PT",
+    "SI",
+    "SK",
+}
 DOLLARIZED = {"EC", "SV", "PA", "TL"}
 COUNTRY_ALIASES = {"Russia": "RU", "Turkey": "TR"}
-KNOWN_CODES = {"Japan": "JPY", "the United States": "USD", "the United Kingdom": "GBP", "Germany": "EUR",
-               "Switzerland": "CHF", "India": "INR", "China": "CNY", "Brazil": "BRL"}
+KNOWN_CODES = {
+    "Japan": "JPY",
+    "the United States": "USD",
+    "the United Kingdom": "GBP",
+    "Germany": "EUR",
+    "Switzerland": "CHF",
+    "India": "INR",
+    "China": "CNY",
+    "Brazil": "BRL",
+}
 SURE_POSITIVE = {"wonderful", "great", "excellent", "amazing", "lovely"}
 SURE_NEGATIVE = {"terrible", "awful", "horrible", "boring", "disappointing"}
 
@@ -188,9 +223,15 @@ def _remove_vowels(prompt: str) -> str:
 
 
 SOLVERS = {
-    "arithmetic": _arithmetic, "reverse": _reverse, "sort": _sort, "weekday": _weekday,
-    "sentiment": _sentiment, "uppercase": _uppercase, "first_letters": _first_letters,
-    "count_vowels": _count_vowels, "remove_vowels": _remove_vowels,
+    "arithmetic": _arithmetic,
+    "reverse": _reverse,
+    "sort": _sort,
+    "weekday": _weekday,
+    "sentiment": _sentiment,
+    "uppercase": _uppercase,
+    "first_letters": _first_letters,
+    "count_vowels": _count_vowels,
+    "remove_vowels": _remove_vowels,
 }
 
 
@@ -226,23 +267,26 @@ def test_sentiment_word_lists_are_disjoint():
 # --------------------------------------------------------------------------- check_answer
 
 
-@pytest.mark.parametrize("expected, generated, ok", [
-    ("12", "12", True),
-    ("12", " 12 \n", True),
-    ("12", "12\nQuestion: what is 3 + 4?", True),
-    ("12", "12<|endoftext|>Tom has", True),
-    ("12", "12</s>", True),
-    ("12", "\n12\nmore", True),
-    (" Monday ", "Monday", True),
-    ("2, 5, 9", "2, 5, 9\n", True),
-    ("12", "123", False),
-    ("12", "1 2", False),
-    ("12", "The answer is 12", False),
-    ("12", "", False),
-    ("12", "<|endoftext|>12", False),
-    ("Monday", "monday", False),
-    ("2, 5, 9", "2,5,9", False),
-])
+@pytest.mark.parametrize(
+    "expected, generated, ok",
+    [
+        ("12", "12", True),
+        ("12", " 12 \n", True),
+        ("12", "12\nQuestion: what is 3 + 4?", True),
+        ("12", "12<|endoftext|>Tom has", True),
+        ("12", "12</s>", True),
+        ("12", "\n12\nmore", True),
+        (" Monday ", "Monday", True),
+        ("2, 5, 9", "2, 5, 9\n", True),
+        ("12", "123", False),
+        ("12", "1 2", False),
+        ("12", "The answer is 12", False),
+        ("12", "", False),
+        ("12", "<|endoftext|>12", False),
+        ("Monday", "monday", False),
+        ("2, 5, 9", "2,5,9", False),
+    ],
+)
 def test_check_answer(expected, generated, ok):
     assert check_answer(expected, generated) is ok
 
@@ -255,7 +299,7 @@ def test_write_suite_writes_jsonl(tmp_path):
     paths = write_suite("inter", out, train=12, eval=3, seed=1)
     assert paths == {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "train.jsonl"]
-    expected = dict(zip(("train", "eval"), make_suite("inter", train=12, eval=3, seed=1)))
+    expected = dict(zip(("train", "eval"), make_suite("inter", train=12, eval=3, seed=1), strict=True))
     for split, per_task in (("train", 12), ("eval", 3)):
         text = paths[split].read_text(encoding="utf-8")
         assert text.endswith("\n")
@@ -286,12 +330,15 @@ def test_unknown_suite():
     assert str(info.value) == "suite: unknown suite 'cross'; allowed: inter, intra"
 
 
-@pytest.mark.parametrize("changes, name", [
-    ({"train": 0}, "train: 0"),
-    ({"eval": 0}, "eval: 0"),
-    ({"train": -3}, "train: -3"),
-    ({"eval": 2.5}, "eval: 2.5"),
-])
+@pytest.mark.parametrize(
+    "changes, name",
+    [
+        ({"train": 0}, "train: 0"),
+        ({"eval": 0}, "eval: 0"),
+        ({"train": -3}, "train: -3"),
+        ({"eval": 2.5}, "eval: 2.5"),
+    ],
+)
 def test_bad_counts(changes, name):
     kwargs = {"train": 5, "eval": 2, "seed": 0, **changes}
     with pytest.raises(MaloraError) as info:

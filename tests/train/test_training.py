@@ -28,16 +28,30 @@ TRAIN = ["--batch-size", "4", "--lr", "2e-3", "--no-progress", "--seed", "1"]
 
 
 def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "malora_fx.cli", *args], capture_output=True, text=True, env=ENV,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "malora_fx.cli", *args], capture_output=True, text=True, env=ENV, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     write_suite("inter", root / "data", train=12, eval=2, seed=0)
-    assert main(["transform", "tiny-llama", "--out", str(root / "init"), "--targets", "q_proj,v_proj,down_proj",
-                 "--dropout", "0.1"]) == 0
+    assert (
+        main(
+            [
+                "transform",
+                "tiny-llama",
+                "--out",
+                str(root / "init"),
+                "--targets",
+                "q_proj,v_proj,down_proj",
+                "--dropout",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -55,8 +69,21 @@ def test_train_writes_adapters_metrics_plot_and_checkpoints(workspace):
     run = fresh_run(workspace, "basic")
     before = adapters(run)
     data = workspace / "data"
-    proc = cli("train", str(run), "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
-               "--steps", "5", "--save-every", "2", "--keep", "2", *TRAIN)
+    proc = cli(
+        "train",
+        str(run),
+        "--data",
+        str(data / "train.jsonl"),
+        "--eval",
+        str(data / "eval.jsonl"),
+        "--steps",
+        "5",
+        "--save-every",
+        "2",
+        "--keep",
+        "2",
+        *TRAIN,
+    )
     assert proc.returncode == 0, proc.stderr
     after = adapters(run)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -65,8 +92,14 @@ def test_train_writes_adapters_metrics_plot_and_checkpoints(workspace):
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert all(r["aux_loss"] > 0 and r["tokens"] > 0 for r in steps)
     assert steps[0]["lr"] > steps[-1]["lr"]  # cosine decay
-    assert "eval_loss" in rows[-1] and set(rows[-1]["eval_loss"]) == {"arithmetic", "currency", "reverse", "sentiment",
-                                                                       "sort", "weekday"}
+    assert "eval_loss" in rows[-1] and set(rows[-1]["eval_loss"]) == {
+        "arithmetic",
+        "currency",
+        "reverse",
+        "sentiment",
+        "sort",
+        "weekday",
+    }
     assert (run / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
 
@@ -78,8 +111,12 @@ def test_kill_at_any_moment_then_resume_is_bit_identical(workspace):
     assert cli("train", str(reference), "--data", data, *args).returncode == 0
     for attempt, delay in enumerate((0.0, 0.013, 0.031)):
         run = fresh_run(workspace, f"killed{attempt}")
-        proc = subprocess.Popen([sys.executable, "-m", "malora_fx.cli", "train", str(run), "--data", data, *args],
-                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "malora_fx.cli", "train", str(run), "--data", data, *args],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while not list(run.glob("checkpoints/step-*")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.002)  # --resume needs one complete checkpoint; then kill at some later moment
@@ -117,9 +154,27 @@ def test_two_process_gloo_matches_one_process(workspace):
     shutil.copytree(init, single)
     shutil.copytree(init, double)
     assert cli("train", str(single), "--data", data, *args).returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29517", "-m", "malora_fx.cli", "train", str(double), "--data", data, *args],
-                          capture_output=True, text=True, env=ENV)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "malora_fx.cli",
+            "train",
+            str(double),
+            "--data",
+            data,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = adapters(single), adapters(double)
     initial = adapters(init)
@@ -128,14 +183,19 @@ def test_two_process_gloo_matches_one_process(workspace):
     assert worst <= 1e-5, worst
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda w, r: ["--data", str(w / "empty.jsonl")], "empty data file"),
-    (lambda w, r: ["--data", str(w / "bad.jsonl")], "bad.jsonl:2: not valid JSON"),
-    (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--task-sampling", "random"],
-     "task sampling: unknown mode 'random'"),
-    (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--lr=-1e-3"], "learning rate: -0.001 must be > 0"),
-    (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--resume"], "--resume: no complete checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda w, r: ["--data", str(w / "empty.jsonl")], "empty data file"),
+        (lambda w, r: ["--data", str(w / "bad.jsonl")], "bad.jsonl:2: not valid JSON"),
+        (
+            lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--task-sampling", "random"],
+            "task sampling: unknown mode 'random'",
+        ),
+        (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--lr=-1e-3"], "learning rate: -0.001 must be > 0"),
+        (lambda w, r: ["--data", str(w / "data" / "train.jsonl"), "--resume"], "--resume: no complete checkpoint"),
+    ],
+)
 def test_bad_input_exit_2(workspace, make_args, message, capsys):
     (workspace / "empty.jsonl").write_text("")
     (workspace / "bad.jsonl").write_text('{"task": "a", "prompt": "p", "response": "r"}\n{"task": \n')
@@ -161,8 +221,9 @@ def test_run_dir_without_adapters_and_existing_checkpoints(workspace, capsys, tm
 
 def test_graph_module_trains_exactly_like_its_run_directory(workspace):
     data = workspace / "data" / "train.jsonl"
-    gm = mf.transform(mf.load_model("tiny-llama").model,
-                      mf.MALoRAConfig(targets="q_proj,v_proj,down_proj", dropout=0.1))
+    gm = mf.transform(
+        mf.load_model("tiny-llama").model, mf.MALoRAConfig(targets="q_proj,v_proj,down_proj", dropout=0.1)
+    )
     run = mf.save_adapters(gm, workspace / "from-python", base_model="tiny-llama")
     initial = adapters(run)
     args = TrainArgs(steps=6, batch_size=4, grad_accum=2, lr=2e-3, seed=1, save_every=3)

@@ -56,6 +56,7 @@ def test_trainable_parameter_count_matches_formulas():
     model, batch = tiny("tiny-gpt2")
     from malora_fx.adapters.accounting import count_sites
     from malora_fx.passes import STATE_KEY
+
     for method in METHODS:
         gm = mf.transform(model, small_config(method), batch)
         expected = sum(c.parameters for c in count_sites(mf.get_config(gm), gm.meta[STATE_KEY]["sites"]))
@@ -128,8 +129,14 @@ def test_train_graph_module_in_place_changes_adapters_and_lowers_loss(tmp_path, 
         return sum(v["loss"] for v in losses.values()) / len(losses)
 
     before = mean_loss()
-    result = train(gm, data, TrainArgs(steps=25, batch_size=4, lr=1e-2, warmup_ratio=0.0), tokenizer=tok,
-                   progress=False, say=lambda m: None)
+    result = train(
+        gm,
+        data,
+        TrainArgs(steps=25, batch_size=4, lr=1e-2, warmup_ratio=0.0),
+        tokenizer=tok,
+        progress=False,
+        say=lambda m: None,
+    )
     assert result.gm is gm and result.run_dir is None and result.steps == 25
     assert [r["step"] for r in result.metrics] == list(range(1, 26))
     assert result.final_loss == result.metrics[-1]["loss"]
@@ -147,10 +154,25 @@ def test_graph_module_from_path_or_examples_and_out_dir_files(tmp_path):
     args = TrainArgs(steps=4, batch_size=4, lr=5e-3, seed=2, save_every=2, keep=1)
     first, second = _adapted(dropout=0.1), _adapted(dropout=0.1)
     out = tmp_path / "out"
-    result = train(first, data, args, tokenizer=tiny_tokenizer(), out_dir=out, eval_data=_examples(),
-                   progress=False, say=lambda m: None)
-    train(second, _examples(repeat=2), args, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "out2",
-          progress=False, say=lambda m: None)
+    result = train(
+        first,
+        data,
+        args,
+        tokenizer=tiny_tokenizer(),
+        out_dir=out,
+        eval_data=_examples(),
+        progress=False,
+        say=lambda m: None,
+    )
+    train(
+        second,
+        _examples(repeat=2),
+        args,
+        tokenizer=tiny_tokenizer(),
+        out_dir=tmp_path / "out2",
+        progress=False,
+        say=lambda m: None,
+    )
     a, b = _state(first), _state(second)
     assert all(torch.equal(a[k], b[k]) for k in a)  # a path and its examples train alike
     saved = load_file(str(out / "adapter_model.safetensors"))
@@ -167,29 +189,47 @@ def test_graph_module_resume_from_out_dir_is_bit_identical(tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", repeat=2)
     args = TrainArgs(steps=6, batch_size=4, lr=5e-3, seed=3, save_every=3, keep=2)
     reference = _adapted(dropout=0.1)
-    train(reference, data, args, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "ref", progress=False,
-          say=lambda m: None)
+    train(
+        reference, data, args, tokenizer=tiny_tokenizer(), out_dir=tmp_path / "ref", progress=False, say=lambda m: None
+    )
     interrupted = tmp_path / "cut"  # as if killed after the step-3 checkpoint
     shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-00000003", interrupted / "checkpoints" / "step-00000003")
     lines = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     (interrupted / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # one row past the checkpoint
     said = []
-    resumed = train(_adapted(dropout=0.1), data, TrainArgs(**{**args.__dict__, "resume": True}),
-                    tokenizer=tiny_tokenizer(), out_dir=interrupted, progress=False, say=said.append)
+    resumed = train(
+        _adapted(dropout=0.1),
+        data,
+        TrainArgs(**{**args.__dict__, "resume": True}),
+        tokenizer=tiny_tokenizer(),
+        out_dir=interrupted,
+        progress=False,
+        say=said.append,
+    )
     assert any("resuming from step-00000003" in m for m in said)
     ref, got = _state(reference), _state(resumed.gm)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert [r["step"] for r in resumed.metrics] == list(range(1, 7))
     with pytest.raises(MaloraError, match="other data or settings"):
-        train(_adapted(dropout=0.1), _examples(), TrainArgs(**{**args.__dict__, "resume": True}),
-              tokenizer=tiny_tokenizer(), out_dir=interrupted, progress=False, say=lambda m: None)
+        train(
+            _adapted(dropout=0.1),
+            _examples(),
+            TrainArgs(**{**args.__dict__, "resume": True}),
+            tokenizer=tiny_tokenizer(),
+            out_dir=interrupted,
+            progress=False,
+            say=lambda m: None,
+        )
 
 
-@pytest.mark.parametrize("kwargs, args, message", [
-    ({}, TrainArgs(steps=1), "tokenizer: required"),
-    ({"tokenizer": "tok"}, TrainArgs(steps=1, save_every=1), "out_dir: save_every=1 needs out_dir"),
-    ({"tokenizer": "tok"}, TrainArgs(steps=1, resume=True), "out_dir: resume=True needs out_dir"),
-])
+@pytest.mark.parametrize(
+    "kwargs, args, message",
+    [
+        ({}, TrainArgs(steps=1), "tokenizer: required"),
+        ({"tokenizer": "tok"}, TrainArgs(steps=1, save_every=1), "out_dir: save_every=1 needs out_dir"),
+        ({"tokenizer": "tok"}, TrainArgs(steps=1, resume=True), "out_dir: resume=True needs out_dir"),
+    ],
+)
 def test_graph_module_argument_errors_name_the_parameter(kwargs, args, message):
     gm = _adapted()
     before = _state(gm)
