@@ -18,7 +18,7 @@ Public API (a contract; see README.md for examples), by pipeline stage:
                export_adapter(run_dir, file) / ExportManifest.read(export_dir) / OrtGenerator(export_dir)
 
 The stages live in ``malora_fx.graph``, ``malora_fx.adapters``,
-``malora_fx.train`` and ``malora_fx.deploy``; the graph passes in
+``malora_fx.training`` and ``malora_fx.deploy``; the graph passes in
 ``malora_fx.passes``. docs/architecture.md says which file owns what.
 """
 
@@ -44,11 +44,11 @@ from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError
 from .graph.cached_decoder import capture_decoder
 from .graph.capture import capture
 from .graph.sources import fetch, load_model
-from .train.args import TrainArgs
-from .train.evaluate import evaluate
-from .train.loop import TrainResult, train
-from .train.routing_report import expert_load
-from .train.suites import write_suite
+from .training.args import TrainArgs
+from .training.evaluate import evaluate
+from .training.loop import TrainResult, train
+from .training.routing_report import expert_load
+from .training.suites import write_suite
 
 __all__ = [
     "AdapterFileError",

@@ -25,10 +25,10 @@ from .deploy.bench import benchmark, ort_runner
 from .deploy.onnx_export import export_run
 from .deploy.runner import OrtGenerator
 from .graph.sources import load_model
-from .train.data import read_jsonl
-from .train.evaluate import stop_token_ids
-from .train.loop import TrainArgs, train
-from .train.suites import check_answer, write_suite
+from .training.data import read_jsonl
+from .training.evaluate import stop_token_ids
+from .training.loop import TrainArgs, train
+from .training.suites import check_answer, write_suite
 
 QUICK_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 

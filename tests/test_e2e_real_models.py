@@ -116,7 +116,7 @@ def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
     from malora_fx.adapters.run_dir import load_run
     from malora_fx.deploy.onnx_export import export_run
     from malora_fx.deploy.runner import OrtGenerator
-    from malora_fx.train.evaluate import greedy_generate
+    from malora_fx.training.evaluate import greedy_generate
 
     gm = mf.transform(smollm2.model, mf.MALoRAConfig(targets="q_proj,v_proj,up_proj"))
     randomize_adapters(gm, std=0.003, seed=2)

@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of MALoRA vs MoLoRA vs LoRA over a real run.
 
-Each variant is a run set up by ``malora_fx.train.loop.prepare`` on the same data (the
+Each variant is a run set up by ``malora_fx.training.loop.prepare`` on the same data (the
 built-in ``inter`` suite) and the same base model (SmolLM2-135M by default):
 real tokenised batches of varying length, AdamW, warm-up + cosine schedule,
 aux loss. The three runs advance in lock-step (step i of A, then of B, then
@@ -25,8 +25,8 @@ import torch
 
 from malora_fx import MALoRAConfig, save_adapters, transform
 from malora_fx.graph.sources import load_model
-from malora_fx.train.loop import TrainArgs, prepare
-from malora_fx.train.suites import write_suite
+from malora_fx.training.loop import TrainArgs, prepare
+from malora_fx.training.suites import write_suite
 
 TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 VARIANTS = {

@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..deploy.runner import OrtGenerator
-    from ..train.evaluate import stop_token_ids
+    from ..training.evaluate import stop_token_ids
 
     gen = OrtGenerator(args.export_dir, args.provider)
     print(f"malora-fx: onnxruntime {gen.provider}", file=sys.stderr)

@@ -11,7 +11,7 @@ from .flags import OneLineParser, add_dataclass_flags, dataclass_from_args
 
 def add_parsers(sub) -> None:
     """``data make``, ``train``, ``eval`` and ``inspect``."""
-    from ..train.args import TrainArgs
+    from ..training.args import TrainArgs
 
     p = sub.add_parser("data", help="built-in multi-task data suites")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
@@ -70,7 +70,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
-    from ..train.suites import write_suite
+    from ..training.suites import write_suite
 
     paths = write_suite(args.suite, args.out, train=args.train, eval=args.eval, seed=args.seed)
     for split, path in paths.items():
@@ -80,8 +80,8 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..train.args import TrainArgs
-    from ..train.loop import train
+    from ..training.args import TrainArgs
+    from ..training.loop import train
 
     result = train(
         args.run_dir,
@@ -108,8 +108,8 @@ def _limit(examples, limit):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..adapters.run_dir import load_run
-    from ..train.data import read_jsonl
-    from ..train.evaluate import evaluate
+    from ..training.data import read_jsonl
+    from ..training.evaluate import evaluate
 
     examples = _limit(read_jsonl(args.data), args.limit)
     gm, loaded = load_run(args.run_dir)
@@ -152,8 +152,8 @@ def print_eval_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..adapters.run_dir import load_run
-    from ..train.data import read_jsonl
-    from ..train.routing_report import expert_load, plot_expert_load
+    from ..training.data import read_jsonl
+    from ..training.routing_report import expert_load, plot_expert_load
 
     examples = _limit(read_jsonl(args.data), args.limit)
     gm, loaded = load_run(args.run_dir)

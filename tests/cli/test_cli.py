@@ -146,3 +146,40 @@ def test_console_script_exit_code():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "malora-fx: error: top_k: 0 is not allowed; expected an integer >= 1"
+
+
+@pytest.mark.parametrize(
+    "command, config_class, skip",
+    [(["transform"], "MALoRAConfig", ()), (["train", "RUN", "--data", "D"], "TrainArgs", ())],
+)
+def test_every_config_field_is_a_flag_with_its_default_and_help(command, config_class, skip):
+    import dataclasses
+
+    import malora_fx as mf
+    from malora_fx.cli import build_parser
+    from malora_fx.cli.flags import field_docs
+
+    cls = getattr(mf, config_class)
+    parser = build_parser()
+    args = parser.parse_args(command)
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(command[0]))
+    helps = {action.dest: action.help for action in sub._actions}
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        assert getattr(args, field.name) == field.default, field.name
+        assert docs.get(field.name), f"{config_class}.{field.name} has no line in the Attributes: docstring"
+        assert helps[field.name].startswith(docs[field.name].rstrip(".")), field.name
+
+
+def test_flags_build_the_config_and_its_errors_apply(capsys):
+    from malora_fx.cli import build_parser
+    from malora_fx.cli.flags import dataclass_from_args
+    from malora_fx.training.args import TrainArgs
+
+    args = build_parser().parse_args(
+        ["train", "RUN", "--data", "D", "--steps", "7", "--bf16", "--max-grad-norm", "0.5"]
+    )
+    targs = dataclass_from_args(TrainArgs, args)
+    assert (targs.steps, targs.bf16, targs.max_grad_norm, targs.batch_size) == (7, True, 0.5, 8)
+    code, _, err = run(capsys, "train", "RUN", "--data", "D", "--steps", "3", "--epochs", "1")
+    assert code == 2 and err.strip() == "malora-fx: error: give either --steps or --epochs, not both"

@@ -14,7 +14,7 @@ from malora_fx.cli import main
 from malora_fx.deploy.manifest import EXPORT_FORMAT, ExportManifest
 from malora_fx.deploy.onnx_export import export_run
 from malora_fx.deploy.runner import OrtGenerator
-from malora_fx.train.evaluate import greedy_generate
+from malora_fx.training.evaluate import greedy_generate
 
 
 def make_run(path, name, method, **changes):

@@ -10,10 +10,10 @@ from conftest import randomize_adapters, small_config, tiny
 import malora_fx as mf
 from malora_fx.cli import main
 from malora_fx.graph.sources import tiny_tokenizer
-from malora_fx.train.data import Example
-from malora_fx.train.evaluate import exact_match, greedy_generate, task_losses
-from malora_fx.train.routing_report import expert_load
-from malora_fx.train.suites import write_suite
+from malora_fx.training.data import Example
+from malora_fx.training.evaluate import exact_match, greedy_generate, task_losses
+from malora_fx.training.routing_report import expert_load
+from malora_fx.training.suites import write_suite
 
 
 def _logits_fn(model):

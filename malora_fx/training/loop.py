@@ -1,4 +1,4 @@
-"""Training the adapters: ``malora_fx.train.loop.train`` / ``malora-fx train``.
+"""Training the adapters: ``malora_fx.training.loop.train`` / ``malora-fx train``.
 
 ``train(target, data, args)`` trains either
 
@@ -193,7 +193,7 @@ def train(
     """Train the adapters of a run directory, or of an adapted GraphModule in place.
 
     ``data`` and ``eval_data`` are JSONL paths or lists of
-    :class:`malora_fx.train.data.Example`. A GraphModule needs ``tokenizer``;
+    :class:`malora_fx.training.data.Example`. A GraphModule needs ``tokenizer``;
     its files (checkpoints, ``metrics.jsonl``, adapters, ``loss.png``) go to
     ``out_dir``, which ``save_every`` and ``resume`` require.
 
@@ -328,7 +328,7 @@ def _examples(data: Data, name: str) -> list[Example]:
         return read_jsonl(Path(data))
     examples = [e for e in data if isinstance(e, Example)] if isinstance(data, Sequence) else []
     if not examples or len(examples) != len(data):
-        raise MaloraError(f"{name}: expected a JSONL path or a non-empty list of malora_fx.train.data.Example")
+        raise MaloraError(f"{name}: expected a JSONL path or a non-empty list of malora_fx.training.data.Example")
     return examples
 
 

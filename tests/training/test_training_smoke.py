@@ -14,12 +14,12 @@ import malora_fx as mf
 from malora_fx.adapters.files import adapter_state_dict
 from malora_fx.errors import MaloraError
 from malora_fx.graph.sources import tiny_tokenizer
-from malora_fx.train.args import TrainArgs
-from malora_fx.train.data import Example
-from malora_fx.train.evaluate import task_losses
-from malora_fx.train.logs import MetricsFile
-from malora_fx.train.loop import train
-from malora_fx.train.schedule import lr_factor, total_steps
+from malora_fx.training.args import TrainArgs
+from malora_fx.training.data import Example
+from malora_fx.training.evaluate import task_losses
+from malora_fx.training.logs import MetricsFile
+from malora_fx.training.loop import train
+from malora_fx.training.schedule import lr_factor, total_steps
 
 
 def _lm_loss(gm, batch):

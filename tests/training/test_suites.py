@@ -14,7 +14,7 @@ import pycountry
 import pytest
 
 from malora_fx.errors import MaloraError
-from malora_fx.train.suites import (
+from malora_fx.training.suites import (
     NEGATIVE_WORDS,
     POSITIVE_WORDS,
     SUITES,
@@ -51,7 +51,7 @@ def test_same_seed_same_output_different_seed_different_output():
 
 def test_output_does_not_depend_on_hash_randomization():
     code = (
-        "import json; from malora_fx.train.suites import make_suite; "
+        "import json; from malora_fx.training.suites import make_suite; "
         "print(json.dumps(make_suite('inter', train=5, eval=2, seed=11)))"
     )
     outputs = {

@@ -1,7 +1,7 @@
 """One optimizer step over the micro-batches of a planned batch schedule.
 
 :class:`MicroBatches` turns step ``i`` of the schedule (from
-:func:`malora_fx.train.data.plan_batches`) into its ``grad_accum`` collated
+:func:`malora_fx.training.data.plan_batches`) into its ``grad_accum`` collated
 micro-batches, each cut to this rank's equal share, together with the number
 of response tokens the whole step predicts (all micro-batches, all ranks).
 

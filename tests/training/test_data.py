@@ -7,7 +7,7 @@ import torch
 
 from malora_fx.errors import MaloraError
 from malora_fx.graph.sources import tiny_tokenizer
-from malora_fx.train.data import (
+from malora_fx.training.data import (
     IGNORE,
     DataError,
     Example,

@@ -18,10 +18,10 @@ import malora_fx as mf
 from malora_fx.adapters.files import adapter_state_dict
 from malora_fx.cli import main
 from malora_fx.graph.sources import tiny_tokenizer
-from malora_fx.train.args import TrainArgs
-from malora_fx.train.checkpoint import latest_checkpoint
-from malora_fx.train.loop import train
-from malora_fx.train.suites import write_suite
+from malora_fx.training.args import TrainArgs
+from malora_fx.training.checkpoint import latest_checkpoint
+from malora_fx.training.loop import train
+from malora_fx.training.suites import write_suite
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 TRAIN = ["--batch-size", "4", "--lr", "2e-3", "--no-progress", "--seed", "1"]
