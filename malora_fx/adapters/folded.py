@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import HydraLoRALayer, MALoRALayer, MixtureLayer, MoLoRALayer, route
+from .layers import HydraLoRALayer, MALoRALayer, MixtureLayer, MoLoRALayer
+from .routing import route
 
 
 def fold_malora_coefficients(num_experts: int, rank: int, shared_rank: int, out_features: int) -> bool:

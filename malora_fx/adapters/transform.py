@@ -20,7 +20,8 @@ from ..passes import (
     transform_pipeline,
 )
 from .config import MALoRAConfig
-from .layers import AdapterLayer, MixtureLayer, balance_from_sums
+from .layers import AdapterLayer, MixtureLayer
+from .routing import balance_from_sums
 
 logger = logging.getLogger(__name__)
 

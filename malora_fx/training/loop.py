@@ -25,12 +25,10 @@ schedule :mod:`.schedule`, data parallelism (``torchrun``) :mod:`.distributed`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,28 +37,26 @@ import torch
 from torch import fx
 
 from ..adapters.config import MALoRAConfig
-from ..adapters.files import config_from_file, load_adapters, read_adapter_config, save_adapters
+from ..adapters.files import config_from_file, load_adapters, save_adapters
 from ..adapters.transform import freeze_base, get_config, set_adapters_training, trainable_parameters, transform
 from ..errors import MaloraError
 from ..graph.sources import load_model
 from .args import TrainArgs
 from .checkpoint import (
-    complete_checkpoints,
     latest_checkpoint,
     load_optimizer_tensors,
     read_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from .data import Example, collate, encode_all, pad_id, plan_batches, read_jsonl
+from .data import Example, collate, encode_all, pad_id, plan_batches
 from .distributed import Dist, init_distributed
+from .inputs import Data, check_checkpoints, read_examples, resolve_target, run_fingerprint
 from .logs import METRICS, MetricsFile, Progress, plot_losses
 from .schedule import make_optimizer, total_steps
 from .step import MicroBatches, train_step
 
 __all__ = ["Run", "TrainArgs", "TrainResult", "prepare", "train"]
-
-Data = str | os.PathLike | Sequence[Example]
 
 
 @dataclass
@@ -220,15 +216,15 @@ def prepare(
     """Everything :func:`train` does before the first step (resume included); see :class:`Run`."""
     args = args or TrainArgs()
     say = say or (lambda message: print(f"malora-fx: {message}", file=sys.stderr, flush=True))
-    gm, adapter_file, out = _target(target, args, tokenizer, out_dir)
+    gm, adapter_file, out = resolve_target(target, args, tokenizer, out_dir)
     if out is not None:
-        _check_checkpoints(out, args.resume)
-    examples = _examples(data, "data")
-    eval_examples = _examples(eval_data, "eval_data") if eval_data else None
+        check_checkpoints(out, args.resume)
+    examples = read_examples(data, "data")
+    eval_examples = read_examples(eval_data, "eval_data") if eval_data else None
     dist = init_distributed(args.device)
     if args.batch_size % dist.world:
         raise MaloraError(f"batch size {args.batch_size} is not divisible by the {dist.world} ranks")
-    fingerprint = _fingerprint(args, data, examples)
+    fingerprint = run_fingerprint(args, data, examples)
     if not dist.main:
         say = lambda message: None  # noqa: E731
     if adapter_file is not None:
@@ -286,59 +282,3 @@ def prepare(
     if args.resume:
         run.resume()
     return run
-
-
-def _target(target, args: TrainArgs, tokenizer, out_dir) -> tuple[fx.GraphModule | None, dict | None, Path | None]:
-    """``(GraphModule, None, out_dir or None)`` or ``(None, adapter_config, run_dir)``."""
-    if isinstance(target, fx.GraphModule):
-        if tokenizer is None:
-            raise MaloraError("tokenizer: required to train a GraphModule (a run directory uses its base model's)")
-        try:
-            get_config(target)
-        except ValueError:
-            raise MaloraError(
-                "target: this GraphModule has no malora-fx adapters; make it with malora_fx.transform"
-            ) from None
-        if out_dir is None and (args.save_every or args.resume):
-            what = "resume=True" if args.resume else f"save_every={args.save_every}"
-            raise MaloraError(f"out_dir: {what} needs out_dir, the directory that holds the checkpoints")
-        return target, None, None if out_dir is None else Path(out_dir)
-    if not isinstance(target, (str, os.PathLike)):
-        raise MaloraError(f"target: expected a run directory or an adapted GraphModule, got {type(target).__name__}")
-    if out_dir is not None:
-        raise MaloraError("out_dir: a run directory is written in place; out_dir is for a GraphModule target")
-    if tokenizer is not None:
-        raise MaloraError("tokenizer: a run directory uses its base model's tokenizer; tokenizer is for a GraphModule")
-    return None, read_adapter_config(target), Path(target)
-
-
-def _check_checkpoints(run_dir: Path, resume: bool) -> None:
-    existing = complete_checkpoints(run_dir, verify=False)
-    if resume and latest_checkpoint(run_dir) is None:
-        raise MaloraError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    if not resume and existing:
-        raise MaloraError(
-            f"{run_dir} already has checkpoints ({existing[-1].name}); pass --resume to "
-            "continue, or transform into a new run directory"
-        )
-
-
-def _examples(data: Data, name: str) -> list[Example]:
-    if isinstance(data, (str, os.PathLike)):
-        return read_jsonl(Path(data))
-    examples = [e for e in data if isinstance(e, Example)] if isinstance(data, Sequence) else []
-    if not examples or len(examples) != len(data):
-        raise MaloraError(f"{name}: expected a JSONL path or a non-empty list of malora_fx.training.data.Example")
-    return examples
-
-
-def _fingerprint(args: TrainArgs, data: Data, examples: list[Example]) -> str:
-    """A digest of the data and the settings a resumed run must share with the original."""
-    keys = asdict(args)
-    for volatile in ("resume", "device", "save_every", "keep"):
-        keys.pop(volatile)
-    if isinstance(data, (str, os.PathLike)):
-        keys["data"] = hashlib.sha256(Path(data).read_bytes()).hexdigest()
-    else:
-        keys["data"] = hashlib.sha256(json.dumps([[e.task, e.messages] for e in examples]).encode()).hexdigest()
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,14 +6,8 @@ from conftest import METHODS, small_config
 from reference import reference_update
 
 from malora_fx.adapters.accounting import site_parameters
-from malora_fx.adapters.layers import (
-    LAYER_CLASSES,
-    load_balancing_loss,
-    make_layer,
-    random_expert_bases,
-    route,
-    site_generator,
-)
+from malora_fx.adapters.layers import LAYER_CLASSES, make_layer, random_expert_bases, site_generator
+from malora_fx.adapters.routing import load_balancing_loss, route
 
 
 def _random_layer(method, n=24, m=20, normalize=False, **changes):
