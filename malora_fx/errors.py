@@ -21,6 +21,10 @@ class TargetError(MaloraError):
     """The target selection matches no linear site, or is malformed."""
 
 
+class PassContractError(MaloraError):
+    """A graph pass was given a graph in a state it does not run on (or left one it promised not to)."""
+
+
 class AdapterFileError(MaloraError):
     """Adapter files are missing, malformed, or do not fit the model."""
 

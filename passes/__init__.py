@@ -10,6 +10,11 @@ infrastructure in one module.
 * **The graph state.** Every key a pass or stage writes into ``node.meta`` /
   ``gm.meta`` and every submodule name it adds to the GraphModule is a named
   constant below; nothing else spells them.
+* **The pass contracts.** :func:`graph_states` reads which of the states
+  ``captured``, ``annotated``, ``adapted``, ``merged``, ``lowered``, ``fused``
+  a graph is in; every pass declares the states it requires and ensures, and
+  ``BasePass.__call__`` checks them before and after the pass
+  (:class:`malora_fx.errors.PassContractError`).
 * **The pipelines** a reader needs to see are the functions at the bottom of
   this file. A new pass is one new file in this folder plus one line in one of
   them.
@@ -28,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import fx, nn
 
+from malora_fx.errors import PassContractError
+
 if TYPE_CHECKING:
     from malora_fx.adapters.layers import AdapterLayer
 
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 PASS_TAG = "malora_fx.pass"  # the name of the pass that made the node
 TARGET_KEY = "malora_fx.target"  # an AdapterTarget: this linear output is to be adapted (annotate_targets)
 ADAPTED_KEY = "malora_fx.adapted"  # the site FQN: this linear output carries an adapter (insert_adapters)
+MERGED_KEY = "malora_fx.merged"  # True: this adapter call is in its merged form (fold_adapters)
 # gm.meta keys (written at capture)
 OUTPUT_HEADS_KEY = "malora_fx.output_heads"  # module names "all-linear" leaves out
 BASE_PARAMETERS_KEY = "malora_fx.base_parameters"  # parameter count of the captured model
@@ -65,6 +73,63 @@ def adapter_modules(gm: nn.Module) -> dict[str, AdapterLayer]:
     return {layer.fqn: layer for layer in container.values()}
 
 
+# ---------------------------------------------------------------- graph states
+# What a graph is, read from its nodes, gm.meta and submodules (graph_states).
+# A graph is in one or more of them: "merged, lowered, fused" is a lowered
+# graph whose projections were fused; "captured, annotated" is what plan() returns.
+CAPTURED = "captured"  # no adapter in any form: a base graph (annotated or fused ones included)
+ANNOTATED = "annotated"  # some linear output carries an AdapterTarget not yet inserted (TARGET_KEY)
+ADAPTED = "adapted"  # some trainable adapter layer is called in its training form (not MERGED_KEY)
+MERGED = "merged"  # adapters were inserted and none is left in training form
+LOWERED = "lowered"  # merged, and no adapter module is called any more (plain ops only)
+FUSED = "fused"  # projections were concatenated (FUSED_ATTR submodule)
+GRAPH_STATES = (CAPTURED, ANNOTATED, ADAPTED, MERGED, LOWERED, FUSED)
+
+
+def graph_states(gm: fx.GraphModule) -> frozenset[str]:
+    """The states (``GRAPH_STATES``) ``gm`` is in, from its nodes, meta and submodules."""
+    from malora_fx.adapters.folded import FoldedMixture
+    from malora_fx.adapters.layers import AdapterLayer
+
+    states = set()
+    has_adapters = bool(getattr(gm, "meta", {}).get(STATE_KEY, {}).get("sites")) or any(
+        _holds_tensors(getattr(gm, attr, None)) for attr in (ADAPTERS_ATTR, FOLDED_ATTR, LOWERED_ATTR)
+    )
+    trainable_calls = module_calls = 0
+    for node in gm.graph.nodes:
+        if TARGET_KEY in node.meta:
+            states.add(ANNOTATED)
+        if node.meta.get(ADAPTED_KEY):
+            has_adapters = True
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, (AdapterLayer, FoldedMixture)):
+                module_calls += 1
+                if isinstance(module, AdapterLayer) and not node.meta.get(MERGED_KEY):
+                    trainable_calls += 1
+    if not has_adapters and not module_calls:
+        states.add(CAPTURED)
+    elif trainable_calls:
+        states.add(ADAPTED)
+    else:
+        states.add(MERGED)
+        if not module_calls:
+            states.add(LOWERED)
+    if hasattr(gm, FUSED_ATTR):
+        states.add(FUSED)
+    return frozenset(states)
+
+
+def _holds_tensors(container: Any) -> bool:
+    """Whether an adapter submodule exists and is not empty."""
+    return isinstance(container, nn.Module) and any(True for _ in container.state_dict())
+
+
+def describe_states(states: frozenset[str] | set[str]) -> str:
+    """``"merged, lowered"``: the states in pipeline order."""
+    return ", ".join(s for s in GRAPH_STATES if s in states) or "(none)"
+
+
 # ---------------------------------------------------------------- the pass protocol
 
 
@@ -90,9 +155,25 @@ class GraphPass(Protocol):
 
 
 class BasePass:
-    """Default no-op ``requires`` / ``ensures`` and the call protocol."""
+    """Default no-op ``requires`` / ``ensures``, the state contract and the call protocol.
+
+    The contract, checked by ``__call__`` with :func:`graph_states`:
+
+    * ``requires_states``: before the pass the graph is in at least one of them
+      (empty: any graph);
+    * ``refuses_states``: ... and in none of them;
+    * ``ensures_states``: after the pass the graph is in at least one of them;
+    * ``clears_states``: ... and in none of them.
+
+    ``run_first`` says what to run when the requirement is not met.
+    """
 
     name = "pass"
+    requires_states: tuple[str, ...] = ()
+    refuses_states: tuple[str, ...] = ()
+    ensures_states: tuple[str, ...] = ()
+    clears_states: tuple[str, ...] = ()
+    run_first = ""
 
     def requires(self, gm: fx.GraphModule) -> None:
         return None
@@ -103,14 +184,51 @@ class BasePass:
     def ensures(self, gm: fx.GraphModule) -> None:
         return None
 
+    def check_requires(self, gm: fx.GraphModule) -> None:
+        """Raise :class:`PassContractError` unless ``gm`` is in a state this pass runs on."""
+        states = graph_states(gm)
+        hint = f" ({self.run_first})" if self.run_first else ""
+        if self.requires_states and not states & set(self.requires_states):
+            raise PassContractError(
+                f"{self.name} requires {_a(_either(self.requires_states))} graph{hint}; "
+                f"this graph is {describe_states(states)}"
+            )
+        refused = [s for s in self.refuses_states if s in states]
+        if refused:
+            raise PassContractError(
+                f"{self.name} cannot run on {_a(refused[0])} graph{hint}; this graph is {describe_states(states)}"
+            )
+
+    def check_ensures(self, gm: fx.GraphModule) -> None:
+        """Raise :class:`PassContractError` unless ``gm`` is in the state this pass promised."""
+        states = graph_states(gm)
+        left = [s for s in self.clears_states if s in states]
+        if (self.ensures_states and not states & set(self.ensures_states)) or left:
+            wanted = _either(self.ensures_states) or "any"
+            raise PassContractError(
+                f"{self.name} left the graph {describe_states(states)}; it ensures {wanted}"
+                + (f" and never {', '.join(self.clears_states)}" if self.clears_states else "")
+            )
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.check_requires(gm)
         self.requires(gm)
         result = self.call(gm)
         if result.modified:
             cleanup(gm)
         self.ensures(gm)
+        self.check_ensures(gm)
         logger.info("%s: %d match(es), %s", self.name, result.matches, "modified" if result.modified else "unchanged")
         return result
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def _either(states: Sequence[str]) -> str:
+    """``"adapted, merged or captured"``."""
+    return " or ".join([", ".join(states[:-1]), states[-1]] if len(states) > 2 else states)
 
 
 def tag_node(node: fx.Node, source: fx.Node, pass_name: str) -> None:
@@ -179,7 +297,12 @@ def cleanup(gm: fx.GraphModule) -> None:
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass]) -> list[PassResult]:
-    """Run ``passes`` in order on ``gm`` (in place); return their results."""
+    """Run ``passes`` in order on ``gm`` (in place); return their results.
+
+    Each pass checks its state contract before and after it runs
+    (``BasePass.__call__``), so a pass given a graph in the wrong state raises
+    :class:`malora_fx.errors.PassContractError` naming the pass and the state.
+    """
     return [p(gm) for p in passes]
 
 

@@ -10,7 +10,12 @@ Matches: adapted sites, i.e. a linear output ``y`` marked
 Produces:
   * ``lora`` sites: the update folded into the base weight, ``W' = W + s·B·A``
     (transposed for GPT-2 ``Conv1D``), as a new parameter (the caller's model
-    is not touched); the adapter call and the add disappear.
+    is not touched); the adapter call and the add disappear. A module called
+    more than once (``l(x) + l(y)``, ``l(l(x))``) shares one adapter and one
+    weight: its update is folded once and every one of its adapter calls
+    dropped, exact since ``W'`` is the adapted map for every call.
+  * with ``fold_lora=False``, LoRA calls are kept (marked merged) for
+    lower_routing to lower as two matmuls.
   * routed sites: the adapter call retargeted to a
     :class:`malora_fx.adapters.folded.FoldedMixture` under ``gm.malora_folded`` with the
     scale folded into the up-projection and, for MALoRA, ``P_t`` folded into
@@ -22,8 +27,11 @@ Why exact: ``s·B·A x = (s·B·A) x``, ``s·B_t (P_t z) = (s·B_t P_t) z`` and 
 routing is unchanged; outputs agree up to float rounding (≤ 1e-5 relative in
 the tests).
 
-Requires: a transformed graph. Ensures: no trainable adapter module is called;
-running the pass again matches nothing.
+Requires: an adapted graph (merged and captured ones pass through: nothing
+matches), not an annotated one. Ensures: a merged (or captured) graph: no
+trainable adapter module is called except the LoRA calls kept by
+``fold_lora=False``, each marked ``meta["malora_fx.merged"]``; running the
+pass again matches nothing.
 """
 
 from __future__ import annotations
@@ -36,9 +44,14 @@ from malora_fx.adapters.layers import AdapterLayer, LoRALayer, MixtureLayer
 from malora_fx.graph.sites import LinearSite, find_linear_sites
 
 from . import (
+    ADAPTED,
     ADAPTED_KEY,
     ADAPTERS_ATTR,
+    ANNOTATED,
+    CAPTURED,
     FOLDED_ATTR,
+    MERGED,
+    MERGED_KEY,
     PASS_TAG,
     BasePass,
     PassResult,
@@ -64,24 +77,34 @@ class FoldAdapters(BasePass):
     matmuls) so their weights stay separate, overridable tensors."""
 
     name = "fold_adapters"
+    requires_states = (ADAPTED, MERGED, CAPTURED)
+    refuses_states = (ANNOTATED,)
+    ensures_states = (MERGED, CAPTURED)
+    clears_states = (ADAPTED,)
+    run_first = "run insert_adapters first"
 
     def __init__(self, fold_lora: bool = True) -> None:
         self.fold_lora = fold_lora
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         matches = 0
+        folded: set[str] = set()  # adapter modules whose LoRA update is already in the weight
         for site, call, add in adapted_site_calls(gm):
             layer = gm.get_submodule(str(call.target))
             if isinstance(layer, LoRALayer):
                 if not self.fold_lora:
+                    call.meta[MERGED_KEY] = True  # kept as it is: metadata only, not a rewrite
                     continue
-                _fold_into_weight(gm, site, layer)
+                if str(call.target) not in folded:  # once per module, however often it is called
+                    _fold_into_weight(gm, site, layer)
+                    folded.add(str(call.target))
                 add.replace_all_uses_with(site.output)
                 gm.graph.erase_node(add)
                 gm.graph.erase_node(call)
             elif isinstance(layer, MixtureLayer):
                 call.target = _register_folded(gm, fold_mixture(layer))
                 call.meta[PASS_TAG] = self.name
+                call.meta[MERGED_KEY] = True
             else:
                 continue
             matches += 1

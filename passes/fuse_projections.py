@@ -33,8 +33,13 @@ groups that carry lowered adapter projections and leaves base-only groups
 provider fusing those measured slower (tools/bench_fusion.py) while fusing a
 site's router and shared down-projection into its base GEMM measured faster.
 
-Requires: nothing (graphs without projections are left unchanged).
-Ensures: no two fusable projections share an input; running again matches nothing.
+Requires: a lowered graph (run lower first) or a captured one without
+adapters (tools/bench_fusion.py fuses base graphs); not an annotated, adapted
+or merged-but-not-lowered one, whose adapter calls the fused nodes would hide
+from fold_adapters / lower_routing. Graphs without projections are left
+unchanged. Ensures: the graph stays lowered (or captured), fused when a group
+matched; no two fusable projections share an input; running again matches
+nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ import torch
 from torch import fx
 
 from . import (
+    ANNOTATED,
+    CAPTURED,
     FUSED_ATTR,
+    LOWERED,
     BasePass,
     PassResult,
     attach_buffer,
@@ -82,6 +90,10 @@ class Projection:
 
 class FuseProjections(BasePass):
     name = "fuse_projections"
+    requires_states = (LOWERED, CAPTURED)
+    refuses_states = (ANNOTATED,)
+    ensures_states = (LOWERED, CAPTURED)
+    run_first = "run lower first"
 
     def __init__(self, keep_separate: tuple[str, ...] = (), only_groups_reading: tuple[str, ...] = ()) -> None:
         self.keep_separate = tuple(keep_separate)

@@ -13,13 +13,20 @@ both placed right after ``y`` (topological order), both carrying ``y``'s
 ``meta["malora_fx.pass"] = "insert_adapters"``. The config, the site table and
 the base parameter count are recorded in ``gm.meta["malora_fx"]``.
 
+The adapter reads the linear's input as it is when the site is rewired, not
+the node recorded at annotation: when that input is itself an adapted linear
+output (``b(a(x))`` with both adapted, or ``l(l(x))``), the adapter reads the
+adapted value ``y_a + Δ_a``, as the eager model with adapters would.
+
 Why exact: the base path is untouched and ``B = 0`` at init, so the adapted
 graph equals the base graph until the adapters are trained.
 
-Requires: every annotated site fits the method (MALoRA: ``shared_rank <= n``);
-checked for all sites before anything changes. Ensures: no annotation is left;
-every adapted site is marked ``meta["malora_fx.adapted"] = fqn``, so running
-the pass again matches nothing (idempotent).
+Requires: an annotated graph (or an adapted one: running again matches
+nothing), not merged or fused; every annotated site fits the method (MALoRA:
+``shared_rank <= n``), checked for all sites before anything changes.
+Ensures: an adapted graph with no annotation left; every adapted site is
+marked ``meta["malora_fx.adapted"] = fqn``, so running the pass again matches
+nothing (idempotent).
 """
 
 from __future__ import annotations
@@ -32,8 +39,13 @@ from malora_fx.adapters.layers import AdapterLayer, make_layer
 from malora_fx.errors import ConfigError
 
 from . import (
+    ADAPTED,
     ADAPTED_KEY,
     ADAPTERS_ATTR,
+    ANNOTATED,
+    FUSED,
+    MERGED,
+    PASS_TAG,
     STATE_KEY,
     TARGET_KEY,
     BasePass,
@@ -46,6 +58,11 @@ from .annotate_targets import AdapterTarget
 
 class InsertAdapters(BasePass):
     name = "insert_adapters"
+    requires_states = (ANNOTATED, ADAPTED)
+    refuses_states = (MERGED, FUSED)
+    ensures_states = (ADAPTED,)
+    clears_states = (ANNOTATED,)
+    run_first = "run annotate_targets first"
 
     def __init__(self, config: MALoRAConfig) -> None:
         self.config = config
@@ -73,7 +90,7 @@ class InsertAdapters(BasePass):
             key = adapter_key(target.fqn)
             if key not in container:
                 container[key] = self._new_layer(gm, target, output)
-            self._rewire(gm, nodes[target.input_name], output, f"{ADAPTERS_ATTR}.{key}")
+            self._rewire(gm, _current_value(nodes[target.input_name]), output, f"{ADAPTERS_ATTR}.{key}")
             output.meta[ADAPTED_KEY] = target.fqn
             matches += 1
         if matches:
@@ -103,6 +120,23 @@ class InsertAdapters(BasePass):
         tag_node(delta, y, InsertAdapters.name)
         tag_node(total, y, InsertAdapters.name)
         y.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def _current_value(x: fx.Node) -> fx.Node:
+    """What now stands for ``x`` in the graph: when ``x`` is an adapted linear output,
+    its users were moved to ``add(x, adapter(...))``, so the value is that add."""
+    while x.meta.get(ADAPTED_KEY):
+        adds = [
+            user
+            for user in x.users
+            if user.meta.get(PASS_TAG) == InsertAdapters.name
+            and user.target is torch.ops.aten.add.Tensor
+            and user.args[0] is x
+        ]
+        if len(adds) != 1:
+            break
+        x = adds[0]
+    return x
 
 
 def _targets(gm: fx.GraphModule) -> list[AdapterTarget]:

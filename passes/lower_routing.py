@@ -33,8 +33,11 @@ no ``nonzero`` token gathering.
 Why exact: masked experts get gate 0, so ``Σ_t g_t U_t h_t`` over all N equals
 the sum over the chosen k; ``U_cat (g ⊗ h)`` is that sum written as one GEMM.
 
-Requires: folded adapters (run fold_adapters first). Ensures: no
-``FoldedMixture`` is called; unused ones are deleted; idempotent.
+Requires: a merged graph (run fold_adapters, i.e. ``merge``, first; a
+captured graph without adapters passes through), not an adapted or annotated
+one: a trainable routed adapter left in the graph would otherwise be skipped
+silently. Ensures: a lowered (or captured) graph, no adapter module called;
+unused ones are deleted; idempotent.
 """
 
 from __future__ import annotations
@@ -49,10 +52,15 @@ from malora_fx.adapters.folded import FoldedMixture
 from malora_fx.adapters.layers import LoRALayer
 
 from . import (
+    ADAPTED,
     ADAPTERS_ATTR,
+    ANNOTATED,
+    CAPTURED,
     CONSTANTS_ATTR,
     FOLDED_ATTR,
+    LOWERED,
     LOWERED_ATTR,
+    MERGED,
     BasePass,
     PassResult,
     attach_buffer,
@@ -80,6 +88,11 @@ LOWERED_OPS = frozenset(
 
 class LowerRouting(BasePass):
     name = "lower_routing"
+    requires_states = (MERGED, CAPTURED)
+    refuses_states = (ANNOTATED,)
+    ensures_states = (LOWERED, CAPTURED)
+    clears_states = (ADAPTED,)
+    run_first = "run merge first"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         calls = [

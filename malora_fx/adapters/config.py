@@ -23,34 +23,64 @@ DEFAULT_RANK = {"malora": 12, "molora": 8, "hydralora": 8, "lora": 64}
 DEFAULT_SHARED_RANK = 32
 ALL_LINEAR = "all-linear"
 REGEX_PREFIX = "re:"
+# A string holding one of these is a regular expression (PEFT's rule for a string);
+# one made of names only (letters, digits, '_', '-', '.') separated by commas is a list of names.
+REGEX_METACHARACTERS = frozenset("*+?()[]{}|^$\\")
+TARGETS_ALLOWED = (
+    "'all-linear', a list of module names such as ['q_proj', 'v_proj'] (or the string 'q_proj,v_proj'), "
+    "or a regular expression ('re:<regex>', or any string with regex metacharacters)"
+)
 
 
-def parse_targets(spec: str | list[str] | tuple[str, ...]) -> str | tuple[str, ...]:
-    """Normalise a target selection.
+def parse_targets(spec: Any) -> str | tuple[str, ...]:
+    """Normalise a target selection, with the meaning PEFT gives ``target_modules``.
 
-    ``"all-linear"`` and ``"re:<regex>"`` stay strings; a comma-separated string
-    or a sequence of names becomes a tuple of module-name suffixes.
+    * ``"all-linear"`` (a string, or a list holding it): every linear layer but
+      the output heads; other names in such a list are added to it.
+    * a list (tuple, set) of names: a module is selected when its full name is
+      one of them or ends with ``"." + name`` (``"q_proj"`` selects
+      ``model.layers.0.self_attn.q_proj``).
+    * a string with a regular-expression metacharacter (one of ``*+?()[]{}|^$\\``)
+      or the prefix ``"re:"``: a regular expression matched with
+      ``re.fullmatch`` against the full module name (PEFT's rule for a string).
+    * any other string: comma-separated names, as a list (``"q_proj,v_proj"``);
+      for a plain name this selects what PEFT's full match would, plus the
+      same name deeper in the tree.
+
+    Returns ``"all-linear"``, ``"re:<regex>"`` or a tuple of names; the result
+    parses to itself.
     """
     if isinstance(spec, str):
         text = spec.strip()
         if text == ALL_LINEAR:
             return ALL_LINEAR
-        if text.startswith(REGEX_PREFIX):
-            pattern = text[len(REGEX_PREFIX) :]
+        if text.startswith(REGEX_PREFIX) or any(c in REGEX_METACHARACTERS for c in text):
+            pattern = text[len(REGEX_PREFIX) :] if text.startswith(REGEX_PREFIX) else text
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"targets: invalid regular expression {pattern!r}: {exc}") from None
+            if not pattern:
+                raise ConfigError(f"targets: {spec!r} has an empty regular expression; allowed: {TARGETS_ALLOWED}")
             return REGEX_PREFIX + pattern
         names = [part.strip() for part in text.split(",")]
+    elif isinstance(spec, (list, tuple, set, frozenset)):
+        if not all(isinstance(part, str) for part in spec):
+            raise ConfigError(f"targets: {spec!r} holds a non-string entry; allowed: {TARGETS_ALLOWED}")
+        names = [part.strip() for part in (sorted(spec) if isinstance(spec, (set, frozenset)) else spec)]
+        for name in names:
+            if name.startswith(REGEX_PREFIX) or any(c in REGEX_METACHARACTERS or c == "," for c in name):
+                raise ConfigError(
+                    f"targets: list entry {name!r} is not a module name; a list holds names (PEFT's rule), "
+                    "a regular expression is passed as a string such as 're:.*_proj'"
+                )
     else:
-        names = [str(part).strip() for part in spec]
+        raise ConfigError(f"targets: {spec!r} is not allowed; allowed: {TARGETS_ALLOWED}")
     if not names or any(not name for name in names):
-        raise ConfigError(
-            f"targets: {spec!r} has an empty name; allowed: 'all-linear', 're:<regex>' "
-            "or comma-separated module-name suffixes such as 'q_proj,v_proj'"
-        )
-    return tuple(names)
+        raise ConfigError(f"targets: {spec!r} has an empty name; allowed: {TARGETS_ALLOWED}")
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -59,9 +89,11 @@ class MALoRAConfig:
 
     Attributes:
         method: ``malora`` (default), ``molora``, ``hydralora`` or ``lora``.
-        targets: ``"all-linear"`` (every linear site but output heads),
-            ``"re:<regex>"`` (full match on the module name) or module-name
-            suffixes (``"q_proj,v_proj"`` or ``("q_proj", "v_proj")``).
+        targets: PEFT's target_modules forms: ``"all-linear"`` (every linear
+            site but output heads, also inside a list), a regular expression
+            (``"re:<regex>"``, or any string with regex characters; full match
+            on the module name) or module names matched as dotted suffixes
+            (``"q_proj,v_proj"`` or ``["q_proj", "v_proj"]``).
         num_experts: N, experts per site (routed methods).
         top_k: experts kept per token, ``1 <= top_k <= num_experts``.
         rank: expert rank (r̄ for MALoRA, r otherwise); ``None`` = paper default.
@@ -140,13 +172,29 @@ class MALoRAConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MALoRAConfig:
-        """Build a config from :meth:`to_dict` output, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> MALoRAConfig:
+        """Build a config from :meth:`to_dict` output.
+
+        Unknown keys are an error naming the key (and ``source``, the file they came
+        from, when given): a typo in a hand-edited config must not go unnoticed.
+        Missing keys take their defaults.
+        """
+        if not isinstance(data, dict):
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}expected a JSON object of config fields, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            where = f"{source}: " if source else ""
+            raise ConfigError(
+                f"{where}unknown config key {unknown[0]!r}"
+                + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
+                + f"; allowed: {', '.join(names)}"
+            )
+        return cls(**data)
 
     def replace(self, **changes: Any) -> MALoRAConfig:
-        """A copy with some fields changed (re-validated)."""
+        """A copy with some fields changed (re-validated); an unknown field name is an error."""
         data = self.to_dict()
         if "method" in changes and changes["method"] != self.method:
             for key in ("rank", "shared_rank", "alpha"):

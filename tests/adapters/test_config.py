@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from malora_fx import ConfigError, MALoRAConfig
+from malora_fx.adapters.config import parse_targets
 
 
 def test_paper_defaults():
@@ -38,6 +39,12 @@ def test_paper_defaults():
         ({"method": "lora", "shared_rank": 8}, "shared_rank is only used by method 'malora'"),
         ({"targets": "q_proj,,v_proj"}, "targets: 'q_proj,,v_proj' has an empty name"),
         ({"targets": "re:("}, "targets: invalid regular expression"),
+        ({"targets": "q_(proj"}, "targets: invalid regular expression 'q_(proj'"),
+        ({"targets": []}, "targets: [] has an empty name; allowed: 'all-linear'"),
+        ({"targets": ["q_proj", 3]}, "targets: ['q_proj', 3] holds a non-string entry"),
+        ({"targets": ["q_.*"]}, "targets: list entry 'q_.*' is not a module name"),
+        ({"targets": ["re:q_proj"]}, "targets: list entry 're:q_proj' is not a module name"),
+        ({"targets": 7}, "targets: 7 is not allowed; allowed: 'all-linear', a list of module names"),
     ],
 )
 def test_bad_values_name_value_and_range(changes, message):
@@ -53,3 +60,26 @@ def test_frozen_and_round_trips_through_dict():
     assert cfg.targets == ("q_proj", "v_proj")
     assert MALoRAConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(method="lora").rank == 64
+
+
+@pytest.mark.parametrize(
+    "spec, parsed",
+    [
+        ("all-linear", "all-linear"),  # PEFT's shorthand
+        (["all-linear"], "all-linear"),  # ... in PEFT users' list form
+        (("all-linear", "lm_head"), ("all-linear", "lm_head")),  # all-linear plus a head
+        (["q_proj", "v_proj"], ("q_proj", "v_proj")),  # a list of names: suffix match
+        ({"v_proj", "q_proj"}, ("q_proj", "v_proj")),  # a set (PEFT stores one): sorted
+        ("q_proj,v_proj", ("q_proj", "v_proj")),  # names separated by commas (the CLI's form)
+        ("q_proj", ("q_proj",)),
+        ("model.layers.0.self_attn.q_proj", ("model.layers.0.self_attn.q_proj",)),  # dots belong to names
+        (r".*\.(q|v)_proj", r"re:.*\.(q|v)_proj"),  # PEFT's string form: a regex (full match)
+        ("model.layers.{0,1}.mlp.up_proj", "re:model.layers.{0,1}.mlp.up_proj"),  # a comma inside a regex
+        ("re:q_proj", "re:q_proj"),  # explicitly a regex
+    ],
+)
+def test_targets_take_every_peft_form(spec, parsed):
+    assert parse_targets(spec) == parsed
+    assert parse_targets(parsed) == parsed  # the normal form parses to itself
+    cfg = MALoRAConfig(targets=spec)
+    assert cfg.targets == parsed and MALoRAConfig.from_dict(cfg.to_dict()) == cfg

@@ -82,3 +82,51 @@ def test_symbolic_trace_graph_of_plain_module():
     gm = mf.capture(model, example_args=(torch.randn(2, 8),), tracer="symbolic_trace")
     AnnotateTargets(("0",))(gm)
     assert _annotated(gm) == ["0"]
+
+
+def test_peft_list_forms(llama_graph):
+    gm = _fresh(llama_graph)
+    AnnotateTargets(["all-linear"])(gm)  # PEFT users' list form of the shorthand, not a module name
+    names = _annotated(gm)
+    assert len(names) == 14 and "lm_head" not in names
+    gm = _fresh(llama_graph)
+    AnnotateTargets(["all-linear", "lm_head"])(gm)  # all-linear plus the head, named
+    assert sorted(_annotated(gm)) == sorted([*names, "lm_head"])
+    gm = _fresh(llama_graph)
+    AnnotateTargets(["self_attn.q_proj", "up_proj"])(gm)  # names match whole '.'-separated parts
+    assert _annotated(gm) == sorted(
+        f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "mlp.up_proj")
+    )
+    gm = _fresh(llama_graph)
+    with pytest.raises(mf.TargetError):
+        AnnotateTargets(["proj"])(gm)  # 'proj' is no part of 'q_proj': a name is not a substring
+
+
+def test_peft_string_is_a_full_match_regex(llama_graph):
+    gm = _fresh(llama_graph)
+    AnnotateTargets(r".*\.1\.self_attn\.(q|k)_proj")(gm)  # PEFT's string form, no 're:' needed
+    assert _annotated(gm) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize(
+    "targets, said",
+    [
+        (["query"], "targets ['query'] (read as: module names; a module matches a name when its full name is"),
+        ("query,key", "targets ['query', 'key'] (read as: module names;"),
+        ("q_proj.*x", "targets 're:q_proj.*x' (read as: a regular expression matched in full against module names)"),
+        (
+            ["all-linear", "query"],
+            "targets ['all-linear', 'query'] (read as: all linear layers except output heads, plus ['query'])",
+        ),
+    ],
+)
+def test_no_match_says_how_the_targets_were_read(llama_graph, targets, said):
+    gm = _fresh(llama_graph)
+    if "all-linear" in targets:  # all-linear always matches here: use a model with no linear module
+        gm = mf.capture(
+            torch.nn.Sequential(torch.nn.ReLU()), example_args=(torch.randn(2, 3),), tracer="symbolic_trace"
+        )
+    with pytest.raises(mf.TargetError) as info:
+        AnnotateTargets(targets)(gm)
+    message = str(info.value)
+    assert message.startswith(said) and "match no linear module" in message and "\n" not in message

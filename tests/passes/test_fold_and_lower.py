@@ -44,9 +44,9 @@ def test_merged_and_lowered_match_unmerged(name, method, normalize):
     base_ops = _call_functions(mf.capture(model, kwargs))
     with torch.no_grad():
         unmerged = main_output(gm(**kwargs))
-        mf.merge(gm)
+        gm = mf.merge(gm)
         merged = main_output(gm(**kwargs))
-        mf.lower(gm)
+        gm = mf.lower(gm)
         lowered = main_output(gm(**kwargs))
     assert (unmerged - main_output(model(**kwargs))).abs().max() > 1e-3
     assert _close(merged, unmerged) and _close(lowered, merged)
@@ -73,7 +73,7 @@ def test_lora_folds_into_the_base_weight_without_touching_the_model():
 def test_malora_folds_p_only_where_cheaper(rank, shared, folds):
     assert fold_malora_coefficients(4, rank, shared, 64) == folds
     _, gm, kwargs = _trained("tiny-llama", "malora", rank=rank, shared_rank=shared, targets="q_proj")
-    mf.merge(gm)
+    gm = mf.merge(gm)
     folded = [m for m in gm.modules() if isinstance(m, FoldedMixture)]
     assert len(folded) == 2
     assert all((m.expert_down is None) == folds for m in folded)
@@ -82,7 +82,7 @@ def test_malora_folds_p_only_where_cheaper(rank, shared, folds):
 
 def test_idempotent_and_no_match():
     _, gm, kwargs = _trained("tiny-llama", "molora")
-    mf.lower(gm)
+    gm = mf.lower(gm)
     code = gm.code
     again = run_passes(gm, [FoldAdapters(), LowerRouting()])
     assert [r.matches for r in again] == [0, 0] and gm.code == code
@@ -95,7 +95,7 @@ def test_idempotent_and_no_match():
 
 def test_lowered_graph_exports_with_dynamic_shapes():
     _, gm, kwargs = _trained("tiny-llama", "malora")
-    mf.lower(gm)
+    gm = mf.lower(gm)
     dims = {k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in kwargs}
     ep = torch.export.export(gm, (), kwargs, dynamic_shapes=dims, strict=False)
     ids = torch.randint(0, 258, (3, 5))

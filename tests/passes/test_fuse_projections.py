@@ -58,19 +58,26 @@ def _readers_of_x(gm):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", TINY_NAMES)
 def test_fused_matches_unfused(name, method):
-    _, gm, kwargs = _lowered(name, method)
+    # LoRA folded into W leaves nothing to fuse: lower it as adapter matmuls instead
+    # (fold_lora=False), so that its A is fused with the base GEMM and the case can fail.
+    fold_lora = method != "lora"
+    model, gm, kwargs = _lowered(name, method, fold_lora=fold_lora)
     with torch.no_grad():
         before = main_output(gm(**kwargs))
+        assert (before - main_output(model(**kwargs))).abs().max() > 1e-3  # the adapters change the output
     unread = _unread_tensors(gm)
     result = FuseProjections(only_groups_reading=("malora_lowered.",))(gm)
     with torch.no_grad():
         after = main_output(gm(**kwargs))
     assert (after - before).abs().max().item() <= 1e-5 * max(before.abs().max().item(), 1.0)
-    if method != "lora":  # LoRA folds into W: nothing routed is left to fuse
-        assert result.matches > 0
+    if name == "tiny-gpt2" and method == "lora":
+        # GPT-2's Conv1D is view → addmm (not a projection of x) and LoRA has one matmul per input
+        assert result.matches == 0
+        return
+    assert result.matches > 0
     assert _unread_tensors(gm) == unread  # the fused sources are deleted, not exported twice
     added = {n.target for n in gm.graph.nodes if n.meta.get("malora_fx.pass") == "fuse_projections"}
-    assert added and added <= FUSED_OPS or method == "lora"
+    assert added and added <= FUSED_OPS
 
 
 def test_llama_layer_becomes_three_gemms():
@@ -108,21 +115,21 @@ def test_unrestricted_fuses_base_siblings_with_biases():
 
 def test_idempotent_and_base_only_untouched():
     _, gm, kwargs = _lowered("tiny-llama", "malora", targets=SIX)
-    mf.lower(gm, fuse=True)
+    gm = mf.lower(gm, fuse=True)
     code = gm.code
     again = run_passes(gm, [FuseProjections(only_groups_reading=("malora_lowered.",))])
     assert [r.matches for r in again] == [0] and gm.code == code
     model, kwargs = tiny("tiny-llama")
     plain = mf.capture(model, kwargs)
     plain_code = plain.code
-    mf.lower(plain, fuse=True)  # no adapters: the base's q/k/v and gate/up stay separate GEMMs
+    plain = mf.lower(plain, fuse=True)  # no adapters: the base's q/k/v and gate/up stay separate GEMMs
     assert plain.code == plain_code and not hasattr(plain, FUSED_ATTR)
 
 
 def test_switchable_adapter_tensors_stay_apart():
     _, gm, kwargs = _lowered("tiny-llama", "lora", targets="q_proj,v_proj", fold_lora=False)
     names = sorted(name for name, _ in gm.malora_lowered.named_buffers())
-    mf.lower(gm, fold_lora=False, fuse=True)
+    gm = mf.lower(gm, fold_lora=False, fuse=True)
     assert sorted(name for name, _ in gm.malora_lowered.named_buffers()) == names
     assert not hasattr(gm, FUSED_ATTR)
 
@@ -131,6 +138,6 @@ def test_lowered_and_fused_ops_are_allow_listed():
     model, kwargs = tiny("tiny-llama")
     base_ops = {n.target for n in mf.capture(model, kwargs).graph.nodes if n.op == "call_function"}
     _, gm, _ = _lowered("tiny-llama", "malora", targets=SIX)
-    mf.lower(gm, fuse=True)
+    gm = mf.lower(gm, fuse=True)
     ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert not ops - base_ops - LOWERED_OPS - FUSED_OPS

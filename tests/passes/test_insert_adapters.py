@@ -15,6 +15,7 @@ from conftest import (
 from reference import hooked_reference
 
 import malora_fx as mf
+from malora_fx.errors import PassContractError
 from malora_fx.passes import ADAPTED_KEY, PASS_TAG, run_passes
 from malora_fx.passes.annotate_targets import AnnotateTargets
 from malora_fx.passes.insert_adapters import InsertAdapters
@@ -99,7 +100,8 @@ def test_idempotent_and_no_match():
     assert [r.matches for r in again] == [0, 0] and not again[1].modified
     assert gm.code == code
     fresh = mf.capture(model, kwargs)
-    assert InsertAdapters(cfg)(fresh).matches == 0  # nothing annotated: nothing to insert
+    with pytest.raises(PassContractError, match=r"^insert_adapters requires an annotated or adapted graph"):
+        InsertAdapters(cfg)(fresh)  # nothing annotated: refused, not silently nothing
 
 
 def test_shared_rank_larger_than_input_is_rejected_before_any_change():
