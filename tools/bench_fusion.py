@@ -84,7 +84,7 @@ def export_variants(args, work: Path, tokenizer, model) -> dict[str, Path]:
         shutil.rmtree(out[name], ignore_errors=True)
         start = time.perf_counter()
         gm, example = adapted_graph(model, config, args.seed) if adapted else capture_decoder(model)
-        gm = mf.lower(mf.merge(gm), fuse=fuse == "default")
+        gm = mf.lower(mf.merge(gm, inplace=True), inplace=True, fuse=fuse == "default")
         if fuse == "all":  # q/k/v and gate/up of the base too, which lower(fuse=True) leaves alone
             run_passes(gm, [FuseProjections()])
         export_decoder_graph(gm, example, model.config, out[name], tokenizer=tokenizer)

@@ -42,7 +42,7 @@ def export_adapter(run_dir: str | os.PathLike, out_file: str | os.PathLike, *, d
     info, loaded = read_run(run_dir)
     model = loaded.model.to(dt).eval()
     gm = capture_decoder(model, dt)[0] if is_decoder(model) else capture(model, default_example_kwargs(model))
-    gm = lower(apply_run_adapters(gm, run_dir, info), fold_lora=False, fuse=True)
+    gm = lower(apply_run_adapters(gm, run_dir, info), inplace=True, fold_lora=False, fuse=True)
     gm.to(dt)
     params = {
         f"{LOWERED_ATTR}.{name}": ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().numpy())

@@ -73,7 +73,7 @@ def export_run(
     """
     dt = torch_dtype(dtype)
     if opset < 18:
-        raise MaloraError(f"--opset: {opset} is too old; allowed: >= 18")
+        raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")
     info, loaded = read_run(run_dir)
     model = loaded.model.to(dt).eval()
     decoder = bool(cache) and is_decoder(model)
@@ -88,9 +88,10 @@ def export_run(
     if adapted:
         gm = apply_run_adapters(gm, run_dir, info)
         if switchable:
-            gm = lower(gm, fold_lora=False, fuse=fuse)
+            gm = lower(gm, inplace=True, fold_lora=False, fuse=fuse)
         else:
-            gm = lower(merge(gm), fuse=fuse) if lowered else merge(gm)
+            gm = merge(gm, inplace=True)
+            gm = lower(gm, inplace=True, fuse=fuse) if lowered else gm
     gm.to(dt)
     manifest = ExportManifest(
         base_model=info["base_model"],
@@ -141,7 +142,8 @@ def export_decoder_graph(
 
     Example:
         >>> gm, example = capture_decoder(model)
-        >>> export_decoder_graph(malora_fx.lower(gm, fuse=True), example, model.config, "exp", tokenizer=tok)
+        >>> lowered = malora_fx.lower(gm, inplace=True, fuse=True)
+        >>> export_decoder_graph(lowered, example, model.config, "exp", tokenizer=tok)
     """
     known = {f.name for f in dataclasses.fields(ExportManifest)}
     for key in meta:
@@ -177,18 +179,31 @@ def export_onnx(
 ) -> Path:
     """Export a captured or transformed GraphModule to ``out_dir/model.onnx``.
 
-    Adapters still in trainable form are merged and lowered first (``fuse``: as
-    :func:`malora_fx.lower`). Inputs are
-    named after ``example_kwargs`` (batch and sequence dynamic); outputs after
-    the fields of the model output (``logits``, ``last_hidden_state``, ...).
+    A copy of ``gm`` is merged and lowered (``fuse``: as :func:`malora_fx.lower`)
+    and exported; ``gm`` itself is left as it was (adapters, trainable
+    parameters, outputs). Inputs are named after the tensors of
+    ``example_kwargs`` (batch and sequence dynamic); constants baked into ``gm``
+    at capture (``use_cache=False``) may be repeated there and are not ONNX
+    inputs. Outputs are named after the fields of the model output
+    (``logits``, ``last_hidden_state``, ...).
 
     Example:
         >>> export_onnx(gm, "exports/gm", {"input_ids": ids, "attention_mask": mask})
     """
+    from ..graph.capture import graph_kwargs, traceable_example
+
     if opset < 18:
         raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")
-    gm = lower(merge(gm), fuse=fuse)
-    out = gm(**example_kwargs)
+    example = graph_kwargs(gm, example_kwargs)
+    for key, value in example.items():
+        if not isinstance(value, torch.Tensor):
+            raise MaloraError(
+                f'example_kwargs["{key}"]: a {type(value).__name__} is not a graph input; ONNX inputs are tensors '
+                f"(constants such as use_cache=False are baked in at capture: pass them to capture)"
+            )
+    example = {k: traceable_example(v) for k, v in example.items()}  # contiguous; size-1 dims would be fixed
+    gm = lower(merge(gm), inplace=True, fuse=fuse)  # merge copies: the caller's graph stays as it was
+    out = gm(**example)
     names = (
         list(out.keys())
         if hasattr(out, "keys")
@@ -196,11 +211,11 @@ def export_onnx(
         if isinstance(out, (tuple, list))
         else ["output"]
     )
-    dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example_kwargs.items()}
+    dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example.items()}
     manifest = ExportManifest(
-        opset=opset, kind="graph", inputs=list(example_kwargs), outputs=names, fused=hasattr(gm, FUSED_ATTR)
+        opset=opset, kind="graph", inputs=list(example), outputs=names, fused=hasattr(gm, FUSED_ATTR)
     )
-    _write_export(gm, gm, example_kwargs, dynamic, manifest, Path(out_dir), tokenizer)
+    _write_export(gm, gm, example, dynamic, manifest, Path(out_dir), tokenizer)
     return Path(out_dir)
 
 
