@@ -25,7 +25,7 @@ from .deploy.bench import benchmark, ort_runner
 from .deploy.onnx_export import export_run
 from .deploy.runner import OrtGenerator
 from .graph.sources import load_model
-from .training.data import read_jsonl
+from .training.data import format_prompt, read_jsonl
 from .training.evaluate import stop_token_ids
 from .training.loop import TrainArgs, train
 from .training.suites import check_answer, write_suite
@@ -100,12 +100,7 @@ class _Stages:
 
 def _generate(gen: OrtGenerator, prompt: str) -> str:
     tok = gen.tokenizer
-    text = (
-        tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        if getattr(tok, "chat_template", None)
-        else prompt + "\n"
-    )
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = format_prompt(tok, prompt)
     tokens = list(gen.generate(ids, max_new_tokens=16, stop_ids=stop_token_ids(tok)))
     return str(tok.decode(tokens, skip_special_tokens=True))
 
@@ -115,7 +110,7 @@ def _parity(run_dir: Path, gen: OrtGenerator, prompts: list[str]) -> float:
     gm, loaded = load_run(str(run_dir))
     worst = 0.0
     for prompt in prompts:
-        ids = np.asarray([loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        ids = np.asarray([format_prompt(loaded.tokenizer, prompt)], dtype=np.int64)
         ort_logits, _ = gen.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], gen.empty_past(1))
         ref = gm(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids))).logits
         worst = max(worst, float(np.abs(ort_logits - ref.numpy()).max()))

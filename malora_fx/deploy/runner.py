@@ -9,12 +9,20 @@ temperature 0, otherwise temperature + top-p with a seeded NumPy generator.
 (``RunOptions.add_active_adapter``). What the export holds comes from its
 ``export.json`` (:class:`~malora_fx.deploy.manifest.ExportManifest`,
 :func:`read_export`).
+
+One ``OrtGenerator`` serves many threads at once: ``InferenceSession.run`` is
+thread-safe, every ``generate`` call keeps its own cache, sampler and
+``RunOptions``, and each adapter file is loaded once (under a lock) into a
+``LoraAdapter`` that stays alive as long as the generator, so concurrent
+requests with different adapters never share or free each other's state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,11 +38,11 @@ def choose_provider(provider: str) -> str:
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
-        raise MaloraError(f"--provider: unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
+        raise MaloraError(f"provider: unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
         raise MaloraError(
-            "--provider cuda: onnxruntime has no CUDA execution provider here "
+            "provider: 'cuda' is not available: onnxruntime has no CUDA execution provider here "
             "(install onnxruntime-gpu instead of onnxruntime)"
         )
     if provider == "cpu" or "CUDAExecutionProvider" not in available:
@@ -66,7 +74,9 @@ class OrtGenerator:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         self.dtype = _NP_DTYPES[self.manifest.dtype]
-        self._loaded_adapters: dict[str, object] = {}
+        # one LoraAdapter per adapter file version, never dropped: a RunOptions does not keep its adapter alive
+        self._loaded_adapters: dict[tuple[str, int, int], Any] = {}
+        self._adapters_lock = threading.Lock()
 
     @property
     def is_decoder(self) -> bool:
@@ -86,17 +96,31 @@ class OrtGenerator:
             return None
         path = Path(adapter)
         if not path.is_file():
-            raise MaloraError(f"--adapter: {adapter} does not exist")
-        self.check_adapter(path)
+            raise MaloraError(f"adapter: {adapter} does not exist")
         options = ort.RunOptions()
         try:
-            lora = ort.LoraAdapter()
-            lora.Load(str(path))
+            lora = self._adapter(path)
             options.add_active_adapter(lora)
-            self._loaded_adapters[str(path)] = lora  # RunOptions does not keep the adapter alive
+        except MaloraError:
+            raise
         except Exception as exc:
-            raise MaloraError(f"--adapter: {adapter} cannot be used with this export: {exc}") from None
+            raise MaloraError(f"adapter: {adapter} cannot be used with this export: {exc}") from None
         return options
+
+    def _adapter(self, path: Path):
+        """The ``LoraAdapter`` of ``path``: checked and loaded once per file version, shared by all threads."""
+        import onnxruntime as ort
+
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        with self._adapters_lock:
+            lora = self._loaded_adapters.get(key)
+            if lora is None:
+                self.check_adapter(path)
+                lora = ort.LoraAdapter()
+                lora.Load(str(path))
+                self._loaded_adapters[key] = lora
+            return lora
 
     def check_adapter(self, path: Path) -> None:
         """Fail unless every tensor of the adapter file is an overridable input of this export."""
@@ -104,21 +128,23 @@ class OrtGenerator:
 
         expected = {name: list(shape) for name, shape in self.manifest.adapter_parameters.items()}
         if not expected:
-            raise MaloraError(f"--adapter: {self.dir} was not exported with --switchable; adapters cannot be swapped")
+            raise MaloraError(
+                f"adapter: {self.dir} is not a switchable export (switchable=True); adapters cannot be swapped"
+            )
         try:
             params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
         except Exception as exc:
-            raise MaloraError(f"--adapter: {path} is not an onnxruntime adapter file ({exc})") from None
+            raise MaloraError(f"adapter: {path} is not an onnxruntime adapter file ({exc})") from None
         for name, value in params.items():
             shape = list(value.shape())
             if expected.get(name) != shape:
                 raise MaloraError(
-                    f"--adapter: {path} was made for another export: tensor {name} {shape} "
+                    f"adapter: {path} was made for another export: tensor {name} {shape} "
                     f"does not fit ({expected.get(name, 'no such input')})"
                 )
         if set(params) != set(expected):
             missing = sorted(set(expected) - set(params))[0]
-            raise MaloraError(f"--adapter: {path} was made for another export: it lacks {missing}")
+            raise MaloraError(f"adapter: {path} was made for another export: it lacks {missing}")
 
     def step(
         self,
@@ -152,8 +178,12 @@ class OrtGenerator:
         stop_ids: set[int] | None = None,
         adapter: str | Path | None = None,
         seed: int = 0,
-    ) -> Iterator[int]:
-        """Yield generated token ids one by one (stop tokens are not yielded)."""
+    ) -> Generator[int, None, int | None]:
+        """Yield generated token ids one by one (stop tokens are not yielded).
+
+        The generator's return value (``StopIteration.value``) is the stop id that ended it, or ``None``
+        when ``max_new_tokens`` ran out. Safe to call from many threads on one generator.
+        """
         if not self.is_decoder:
             raise MaloraError(f"{self.dir}: generation needs a decoder export with a KV cache")
         limit = self.manifest.max_positions or 0
@@ -177,9 +207,10 @@ class OrtGenerator:
             length += step_len
             token = sample(logits[0, -1].astype(np.float64), temperature, top_p, rng)
             if stop_ids and token in stop_ids:
-                return
+                return token
             yield token
             ids = np.asarray([[token]], dtype=np.int64)
+        return None
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

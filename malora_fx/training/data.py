@@ -3,11 +3,24 @@
 Each line of a data file is one JSON object, either
 ``{"task": str, "prompt": str, "response": str}`` or
 ``{"task": str, "messages": [{"role": ..., "content": ...}, ...]}`` whose last
-message is the assistant's response. The tokenizer's chat template is applied
-when it has one (the prompt part with ``add_generation_prompt=True``);
-otherwise the text is ``prompt + "\\n" + response + eos``. The loss covers the
-response tokens only (labels ``-100`` elsewhere). Sequences longer than
-``max_length`` are cut on the right and counted.
+message is the assistant's response. The loss covers the response tokens only
+(labels ``-100`` elsewhere). Sequences longer than ``max_length`` are cut on
+the right and counted.
+
+Prompt formatting (:func:`format_prompt`) is one rule shared by training,
+evaluation, ``malora-fx run``, the quickstart and the routing report:
+
+* the text is the tokenizer's chat template (``add_generation_prompt=True``)
+  when it has one, else the messages' contents joined by newlines plus a final
+  ``"\\n"``;
+* it is tokenised with the special tokens the tokenizer itself adds
+  (``add_special_tokens=True``): a BOS it prepends is kept, unless the text
+  already starts with it (a template that writes BOS itself), so BOS is never
+  doubled; an EOS the tokenizer appends is dropped from the prompt (the
+  prompt does not end the sequence);
+* a training example is that prompt followed by the response: the rest of the
+  chat template's text (its end-of-turn marker included) with a template,
+  else the response's tokens and ``eos``.
 
 The batch schedule of a whole run is a pure function of (examples, batch size,
 steps, sampling, seed), so a resumed run sees exactly the batches it would have
@@ -19,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,28 +124,90 @@ def _parse_messages(messages: Any, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(parsed)
 
 
+PromptLike = str | Sequence[Mapping[str, str]]
+
+
+def _messages(prompt: PromptLike) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _prompt_string(tokenizer, messages: list[dict[str, str]]) -> str:
+    if has_chat_template(tokenizer):
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
 def prompt_text(example: Example, tokenizer) -> str:
     """The text the model sees before the response (chat template when available)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=False)
-    return "\n".join(c for _, c in example.messages[:-1]) + "\n"
+    return _prompt_string(tokenizer, example.prompt_messages)
+
+
+def _special_affixes(tokenizer, text: str) -> tuple[list[int], list[int], list[int]]:
+    """``(plain, prefix, suffix)``: the text's ids without special tokens and the ids the tokenizer adds
+    before and after them with ``add_special_tokens=True``."""
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    n = len(plain)
+    for k in range(len(full) - n + 1):
+        if full[k : k + n] == plain:
+            return plain, full[:k], full[k + n :]
+    # the tokenizer changes the text's own tokens when it adds special ones: read the affixes off the ends
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    head = 0
+    while head < len(full) and full[head] in special:
+        head += 1
+    tail = len(full)
+    while tail > head and full[tail - 1] in special:
+        tail -= 1
+    return full[head:tail], full[:head], full[tail:]
+
+
+def _tokenize_prompt(tokenizer, text: str) -> list[int]:
+    plain, prefix, _suffix = _special_affixes(tokenizer, text)  # an appended EOS does not belong after a prompt
+    if prefix and plain[: len(prefix)] == prefix:
+        prefix = []  # the text (a chat template) already starts with the tokenizer's BOS: never twice
+    return prefix + plain
+
+
+def format_prompt(tokenizer, prompt: PromptLike, *, raw: bool = False) -> list[int]:
+    """Token ids of a prompt exactly as training, evaluation and ``run`` feed it to the model.
+
+    ``prompt`` is a user message (``str``) or a list of ``{"role", "content"}`` messages. With a chat
+    template the text is the template with the generation prompt, else the contents joined by newlines
+    plus ``"\\n"`` (the separator training puts before the response). The tokenizer's own special
+    tokens are added (its BOS once, never twice). ``raw=True`` takes a ``str`` prompt as the exact text
+    (no template, no newline), still with the tokenizer's BOS.
+    """
+    if raw:
+        if not isinstance(prompt, str):
+            raise TypeError("format_prompt: raw=True needs the prompt as one string")
+        return _tokenize_prompt(tokenizer, prompt)
+    return _tokenize_prompt(tokenizer, _prompt_string(tokenizer, _messages(prompt)))
 
 
 def encode(example: Example, tokenizer, max_length: int) -> Encoded:
-    """Tokenise one example; the loss covers the response (and its end marker) only."""
+    """Tokenise one example: :func:`format_prompt` then the response; the loss covers the response only."""
     prompt = prompt_text(example, tokenizer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if getattr(tokenizer, "chat_template", None):
+    prompt_ids = _tokenize_prompt(tokenizer, prompt)
+    if has_chat_template(tokenizer):
         full = tokenizer.apply_chat_template(
             [*example.prompt_messages, {"role": "assistant", "content": example.response}], tokenize=False
         )
         if not full.startswith(prompt):
             raise DataError(f"task {example.task!r}: the chat template does not extend the prompt; cannot mask it")
-        response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        response_ids = list(tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"])
     else:
-        response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = list(prompt_ids) + list(response_ids)
-    labels = [IGNORE] * len(prompt_ids) + list(response_ids)
+        response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            response_ids.append(tokenizer.eos_token_id)
+    ids = prompt_ids + response_ids
+    labels = [IGNORE] * len(prompt_ids) + response_ids
     truncated = len(ids) > max_length
     return Encoded(example.task, tuple(ids[:max_length]), tuple(labels[:max_length]), len(prompt_ids), truncated)
 

@@ -2,7 +2,10 @@
 
 Both work on any ``logits_fn(input_ids, attention_mask) -> logits`` — a
 transformed GraphModule or the untransformed base model — so the adapted and
-base numbers come from the same code.
+base numbers come from the same code. Examples are tokenised by
+:func:`~malora_fx.training.data.encode`, so the prompts greedy decoding starts
+from are exactly :func:`~malora_fx.training.data.format_prompt`'s (the ids
+training saw and ``malora-fx run`` feeds).
 
 Greedy decoding runs without a KV cache over right-padded rows: each step
 re-reads every row up to its own length, takes the logits at its last real

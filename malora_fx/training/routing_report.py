@@ -2,7 +2,8 @@
 
 For each task, the eval examples run through the adapted model; at every
 routed site the router's top-k choices over real (non-padding) tokens are
-counted. ``load[task][site][t]`` is the fraction of the task's tokens that
+counted (examples tokenised as in training, by
+:func:`~malora_fx.training.data.encode`). ``load[task][site][t]`` is the fraction of the task's tokens that
 chose expert t (each row sums to ``top_k``). A collapsed router shows as one
 bright column per site.
 """

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import randomize_adapters, small_config, tiny
 
 import malora_fx as mf
+from malora_fx.adapters.run_dir import load_run
 from malora_fx.cli import main
 from malora_fx.graph.sources import tiny_tokenizer
-from malora_fx.training.data import Example
+from malora_fx.training.data import Example, read_jsonl
 from malora_fx.training.evaluate import exact_match, greedy_generate, task_losses
 from malora_fx.training.routing_report import expert_load
 from malora_fx.training.suites import write_suite
@@ -93,31 +94,28 @@ def tiny_run(tmp_path_factory):
     return root
 
 
-def test_eval_cli_json_with_base(tiny_run, capsys):
+def test_eval_cli_json_with_base(tiny_run, capsys, tmp_path):
+    # random adapters, B included (B = 0 at init would make adapted equal base and the comparison empty)
+    run = tmp_path / "random-run"
+    gm, loaded = load_run(tiny_run / "run")
+    randomize_adapters(gm, std=0.3, seed=5)
+    mf.save_adapters(gm, run, base_model="tiny-llama")
+    data = tiny_run / "data" / "eval.jsonl"
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                str(tiny_run / "run"),
-                "--data",
-                str(tiny_run / "data" / "eval.jsonl"),
-                "--base",
-                "--json",
-                "--max-new-tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
+    assert main(["eval", str(run), "--data", str(data), "--base", "--json", "--max-new-tokens", "4"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert set(results) == {"adapted", "base"}
     tasks = {"reverse", "uppercase", "first_letters", "count_vowels", "remove_vowels", "average"}
     assert set(results["adapted"]) == tasks
-    # untrained adapters (B = 0): adapted and base agree
-    for task in tasks:
-        assert results["adapted"][task]["loss"] == pytest.approx(results["base"][task]["loss"], abs=1e-5)
-        assert results["adapted"][task]["exact_match"] == results["base"][task]["exact_match"]
+    examples = read_jsonl(data)
+    expected = {
+        "adapted": task_losses(_logits_fn(gm), loaded.tokenizer, examples, 512, 16),
+        "base": task_losses(_logits_fn(loaded.model), loaded.tokenizer, examples, 512, 16),
+    }
+    for task in tasks - {"average"}:
+        for side in ("adapted", "base"):  # each column comes from its own model
+            assert results[side][task]["loss"] == pytest.approx(expected[side][task]["loss"], rel=1e-5)
+        assert abs(results["adapted"][task]["loss"] - results["base"][task]["loss"]) > 1e-3
 
 
 def test_inspect_cli_writes_heatmap(tiny_run, capsys, tmp_path):

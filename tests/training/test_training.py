@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,13 @@ from malora_fx.training.suites import write_suite
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 TRAIN = ["--batch-size", "4", "--lr", "2e-3", "--no-progress", "--seed", "1"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (bound to port 0, read, closed): two runs never share a fixed one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def cli(*args, **kwargs):
@@ -104,12 +112,30 @@ def test_train_writes_adapters_metrics_plot_and_checkpoints(workspace):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
 
 
+def _metric_steps(run) -> list[int]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # a line being written has no newline yet
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+# Kill moments, each an observable state of the run (polled, never a sleep): right after the first checkpoint
+# is complete; between checkpoints, with two steps done since the last one (lost, redone on resume); as the
+# step that writes a checkpoint ends (the checkpoint may be half-written: a .tmp-* directory that resume skips).
+KILL_MOMENTS = {
+    "after the first checkpoint": lambda run: (Path(run) / "checkpoints" / "step-00000003").is_dir(),
+    "between checkpoints": lambda run: 8 in _metric_steps(run),
+    "while writing a checkpoint": lambda run: 12 in _metric_steps(run),
+}
+
+
 def test_kill_at_any_moment_then_resume_is_bit_identical(workspace):
     data = str(workspace / "data" / "train.jsonl")
     args = ["--steps", "40", "--save-every", "3", "--keep", "3", *TRAIN]
     reference = fresh_run(workspace, "uninterrupted")
     assert cli("train", str(reference), "--data", data, *args).returncode == 0
-    for attempt, delay in enumerate((0.0, 0.013, 0.031)):
+    for attempt, (moment, reached) in enumerate(KILL_MOMENTS.items()):
         run = fresh_run(workspace, f"killed{attempt}")
         proc = subprocess.Popen(
             [sys.executable, "-m", "malora_fx.cli", "train", str(run), "--data", data, *args],
@@ -117,18 +143,20 @@ def test_kill_at_any_moment_then_resume_is_bit_identical(workspace):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 120
-        while not list(run.glob("checkpoints/step-*")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.002)  # --resume needs one complete checkpoint; then kill at some later moment
-        time.sleep(delay)
+        deadline = time.monotonic() + 300
+        while not reached(run) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+        assert proc.wait() == -signal.SIGKILL, f"{moment}: training ended before it could be killed"
+        assert reached(run), f"{moment}: not reached within the timeout"
+        done = _metric_steps(run)
+        assert done and done[-1] < 40, f"{moment}: killed after the last step"
         resumed = cli("train", str(run), "--data", data, *args, "--resume")
         assert resumed.returncode == 0, resumed.stderr
         assert "resuming from step-" in resumed.stderr
         ref, got = adapters(reference), adapters(run)
         assert ref.keys() == got.keys()
-        assert all(torch.equal(ref[k], got[k]) for k in ref), f"attempt {attempt}: resumed run differs"
+        assert all(torch.equal(ref[k], got[k]) for k in ref), f"{moment}: resumed run differs"
         steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 41))
 
@@ -162,7 +190,7 @@ def test_two_process_gloo_matches_one_process(workspace):
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29517",
+            str(free_port()),
             "-m",
             "malora_fx.cli",
             "train",
