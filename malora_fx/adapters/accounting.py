@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DEFAULT_SHARED_RANK, METHODS, MALoRAConfig
+from .config import DEFAULT_RANK, DEFAULT_SHARED_RANK, METHODS, MALoRAConfig
 
 
 def site_parameters(method: str, n: int, m: int, *, num_experts: int, rank: int, shared_rank: int | None = None) -> int:
@@ -56,9 +56,17 @@ def count_sites(config: MALoRAConfig, sites: dict[str, dict[str, int]]) -> list[
     ]
 
 
+def method_ranks(config: MALoRAConfig) -> dict[str, int]:
+    """The rank each method is compared at: ``config``'s rank for its own method, every other
+    method at its own default (MALoRA r̄=12, MoLoRA / HydraLoRA r=8, LoRA r=64), so that no
+    method is shown at a rank nobody would pick for it (LoRA at MALoRA's 12, say)."""
+    return {method: config.rank if method == config.method else DEFAULT_RANK[method] for method in METHODS}
+
+
 def method_totals(config: MALoRAConfig, sites: dict[str, dict[str, int]]) -> dict[str, int]:
-    """Total trainable parameters of every method at this config's N and rank
-    (MALoRA with this config's d, or 32, capped at each site's in_features)."""
+    """Total trainable parameters of every method on these sites, at this config's N and at
+    :func:`method_ranks` (MALoRA with this config's d, or 32, capped at each site's in_features)."""
+    ranks = method_ranks(config)
     totals = {}
     for method in METHODS:
         totals[method] = sum(
@@ -67,7 +75,7 @@ def method_totals(config: MALoRAConfig, sites: dict[str, dict[str, int]]) -> dic
                 s["in_features"],
                 s["out_features"],
                 num_experts=config.num_experts,
-                rank=config.rank,
+                rank=ranks[method],
                 shared_rank=min(config.shared_rank or DEFAULT_SHARED_RANK, s["in_features"]),
             )
             for s in sites.values()

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import fx, nn
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, ConfigError
 from ..fileio import atomic_write
 from ..passes import STATE_KEY, adapter_modules
 from .config import MALoRAConfig
@@ -87,24 +87,59 @@ def save_adapters(gm: fx.GraphModule, directory: str | os.PathLike, base_model: 
     return directory
 
 
+_FILE_KEYS = ("format", "base_model", *_CONFIG_KEYS, "sites")
+_OPTIONAL_KEYS = ("imported_from",)  # written by import-peft, informational
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``adapter_config.json`` of an adapter directory."""
+    """Read and check ``adapter_config.json`` of an adapter directory.
+
+    Strict, like the format it reads: a format other than ``malora-fx/1`` (a newer one
+    included), an unknown key (a typo in a hand-edited file) or a missing key is an
+    :class:`AdapterFileError` naming it and the file.
+    """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterFileError(f"{directory}: no {CONFIG_FILE} (not a malora-fx adapter directory)")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    found = data.get("format")
+    if found != FORMAT:
+        if isinstance(found, str) and found.startswith("malora-fx/"):
+            raise AdapterFileError(
+                f"{path}: format {found!r} is not supported by this malora-fx (a newer or unknown version); "
+                f"supported: {FORMAT!r}"
+            )
         raise AdapterFileError(f"{path}: format is {found!r}; expected {FORMAT!r}")
+    unknown = sorted(str(k) for k in data if k not in _FILE_KEYS and k not in _OPTIONAL_KEYS)
+    if unknown:
+        raise AdapterFileError(
+            f"{path}: unknown key {unknown[0]!r}"
+            + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
+            + f"; allowed: {', '.join(_FILE_KEYS + _OPTIONAL_KEYS)}"
+        )
+    missing = [k for k in _FILE_KEYS if k not in data]
+    if missing:
+        raise AdapterFileError(f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    if not isinstance(data["sites"], dict):
+        raise AdapterFileError(f"{path}: sites must be an object {{fqn: {{in_features, out_features}}}}")
+    config_from_file(data, source=str(path))  # invalid values are refused here, naming the file
     return data
 
 
-def config_from_file(data: dict[str, Any]) -> MALoRAConfig:
-    """The :class:`MALoRAConfig` an adapter config describes."""
-    return MALoRAConfig.from_dict({k: data.get(k) for k in _CONFIG_KEYS if k in data})
+def config_from_file(data: dict[str, Any], source: str | None = None) -> MALoRAConfig:
+    """The :class:`MALoRAConfig` an adapter config describes (invalid values name ``source``)."""
+    try:
+        return MALoRAConfig.from_dict({k: data[k] for k in _CONFIG_KEYS if k in data}, source=source)
+    except ConfigError as exc:
+        message = str(exc)
+        if source and not message.startswith(source):
+            message = f"{source}: {message}"
+        raise AdapterFileError(message) from None
 
 
 def load_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> None:
@@ -128,7 +163,14 @@ def load_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> None:
     if not weights.is_file():
         raise AdapterFileError(f"{directory}: no {WEIGHTS_FILE}")
     expected = {f"{fqn}.{name}": t for fqn, layer in layers.items() for name, t in layer.file_tensors().items()}
-    with safe_open(str(weights), framework="pt") as handle:
+    try:
+        handle_cm = safe_open(str(weights), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for empty, truncated or corrupt files
+        raise AdapterFileError(
+            f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:160]}); "
+            f"expected the {WEIGHTS_FILE} that save_adapters writes"
+        ) from None
+    with handle_cm as handle:
         keys = set(handle.keys())
         for key, target in expected.items():
             if key not in keys:

@@ -2,8 +2,10 @@
 
 Thin argument parsing over :mod:`malora_fx.deploy`: what an export holds is
 read from its ``export.json`` through :class:`~malora_fx.deploy.manifest.ExportManifest`
-only. ``bench`` re-exports comparison variants (once, under EXPORT_DIR/bench/)
-from the run directory the manifest records in ``adapters``. Bad input raises
+only. ``bench`` re-exports comparison variants from the run directory given
+with ``--run`` (into a temporary folder, removed at the end unless ``--keep``);
+the path an export records in ``adapters`` is informational and never read
+back, so an export folder can be copied anywhere. Bad input raises
 :class:`~malora_fx.errors.MaloraError` (one line, exit status 2).
 """
 
@@ -51,6 +53,7 @@ def add_parsers(sub) -> None:
         help="keep each adapter's router and down-projection GEMMs apart from the base GEMMs "
         "(fused by default: faster on onnxruntime CPU, see tools/bench_fusion.py)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=cmd_export)
 
     from ..deploy.runner import PROVIDERS
@@ -68,7 +71,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
-    p.add_argument("--raw", action="store_true", help="do not apply the chat template to the prompt")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="use the prompt text as is: no chat template, no trailing newline (the tokenizer's BOS still applies)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -85,10 +92,15 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="onnxruntime prefill / decode latency: base vs lowered vs unlowered vs PyTorch",
-        description="Time EXPORT_DIR against the base export, the unlowered export and PyTorch eager "
-        "(exports made once under EXPORT_DIR/bench/), alternated.",
+        description="Time EXPORT_DIR against the base export, the unlowered export and PyTorch eager, "
+        "alternated. The comparison exports are built from --run into a temporary folder, removed at the "
+        "end unless --keep; EXPORT_DIR is only read.",
     )
     p.add_argument("export_dir")
+    p.add_argument("--run", dest="run", help="the run directory EXPORT_DIR was exported from (required)")
+    p.add_argument(
+        "--keep", help="build the comparison exports in this directory and keep them (reused when already there)"
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -104,6 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..deploy.manifest import ExportManifest
     from ..deploy.onnx_export import export_run
 
+    _check_export_options(args)
     if args.adapter_only:
         if not args.out.endswith(".onnx_adapter"):
             raise MaloraError(f"--adapter-only: --out {args.out!r} must end with .onnx_adapter")
@@ -128,23 +141,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_export_options(args: argparse.Namespace) -> None:
+    """Refuse option combinations that would silently do something else, and a non-empty --out."""
+    if args.base_only and (args.switchable or args.adapter_only):
+        other = "--switchable" if args.switchable else "--adapter-only"
+        raise MaloraError(f"--base-only: cannot be combined with {other}; the base export has no adapters")
+    if args.adapter_only and (args.switchable or args.no_cache or args.no_fuse):
+        raise MaloraError(
+            "--adapter-only: writes only an .onnx_adapter file; allowed with --dtype only "
+            "(not --switchable, --no-cache, --no-fuse)"
+        )
+    out = Path(args.out)
+    if out.is_file() and not args.adapter_only:
+        raise MaloraError(f"--out: {out} is a file; expected a new or empty directory")
+    if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+        raise MaloraError(f"--out {str(out)!r} exists and is not empty; choose a new path or pass --overwrite")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MaloraError(f"--out: {out} is under {parent}, which is a file; expected a directory path")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..deploy.runner import OrtGenerator
+    from ..training.data import format_prompt
     from ..training.evaluate import stop_token_ids
 
     gen = OrtGenerator(args.export_dir, args.provider)
     print(f"malora-fx: onnxruntime {gen.provider}", file=sys.stderr)
     tok = gen.tokenizer
-    if getattr(tok, "chat_template", None) and not args.raw:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
-        )
-    else:
-        text = args.prompt
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    prompt = format_prompt(tok, args.prompt, raw=args.raw)  # the same ids training and eval use
     produced: list[int] = []
     shown = ""
-    for token in gen.generate(
+    stream = gen.generate(
         prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -152,49 +180,110 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop_ids=stop_token_ids(tok),
         adapter=args.adapter,
         seed=args.seed,
-    ):
+    )
+    stop: int | None = None
+    while True:
+        try:
+            token = next(stream)
+        except StopIteration as end:
+            stop = end.value
+            break
         produced.append(token)
         text_now = str(tok.decode(produced, skip_special_tokens=True))
         print(text_now[len(shown) :], end="", flush=True)
         shown = text_now
-    print()
+    if shown:
+        print()
+    else:
+        print(f"malora-fx: {_why_nothing(tok, produced, stop, args.max_new_tokens)}", file=sys.stderr)
     return 0
+
+
+def _why_nothing(tok, produced: list[int], stop: int | None, max_new_tokens: int) -> str:
+    """One line saying why ``run`` shows no text."""
+    if produced:
+        return f"no text to show: the {len(produced)} generated token(s) {produced} decode to nothing visible"
+    if stop is not None:
+        name = tok.convert_ids_to_tokens(stop)
+        kind = "end-of-sequence" if stop == tok.eos_token_id else "a stop token"
+        return f"no tokens generated: the first token was {kind} {name!r} (id {stop})"
+    return f"no tokens generated: --max-new-tokens is {max_new_tokens}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import platform
+    import shutil
+    import tempfile
+    import time
 
-    from ..deploy.bench import benchmark, format_table, ort_runner
+    from ..deploy.bench import benchmark, format_table, ort_runner, time_once
     from ..deploy.runner import OrtGenerator, read_export
 
     manifest = read_export(args.export_dir)
-    run_dir = manifest.adapters
-    if not manifest.kv_cache or not run_dir:
+    if not manifest.kv_cache or manifest.method is None:
         raise MaloraError(f"{args.export_dir}: bench needs an adapted decoder export with a KV cache")
-    lowered = OrtGenerator(args.export_dir, args.provider)
-    bench_dir = Path(args.export_dir) / "bench"
-    base = OrtGenerator(_cached_export(run_dir, manifest, bench_dir / "base", base_only=True), args.provider)
-    variants = {"base export": ort_runner(base), "lowered export": ort_runner(lowered)}
-    try:
-        variants["unlowered export"] = ort_runner(
-            OrtGenerator(_cached_export(run_dir, manifest, bench_dir / "unlowered", lowered=False), args.provider)
+    if not args.run:
+        raise MaloraError(
+            f"--run: required; give the run directory {args.export_dir} was exported from "
+            f"(export.json records {manifest.adapters!r}, for information only)"
         )
-    except Exception as exc:  # report, do not fail: the point is whether it exports at all
-        print(f"unlowered export: does not export ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
-    if not args.no_torch:
-        variants["pytorch eager"] = _torch_variant(run_dir, manifest)
+    _check_bench_run(args.run, manifest)
+    for name in ("batch", "seq", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise MaloraError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    keep = Path(args.keep) if args.keep else None
+    if keep is not None and keep.exists() and (not keep.is_dir() or _foreign_entries(keep)):
+        raise MaloraError(
+            f"--keep: {keep} exists and holds other files; allowed: a new or empty directory or a previous --keep"
+        )
+    stages = 3 + (not args.no_torch)
+    say = _Progress(stages)
     print(
-        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, onnxruntime {lowered.provider}"
+        f"malora-fx: bench builds 2 comparison exports of {args.run} (base, unlowered; each takes about as "
+        f"long as `malora-fx export` did) in {keep or 'a temporary folder removed at the end'}, "
+        + ("" if args.no_torch else "captures the run in PyTorch, ")
+        + f"then times {3 + (not args.no_torch)} variants {1 + args.repeats} times each",
+        file=sys.stderr,
     )
-    timings = benchmark(
-        variants,
-        batch=args.batch,
-        seq=args.seq,
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        vocab=min(manifest.vocab_size or 1000, 1000),
-    )
+    scratch = keep if keep is not None else Path(tempfile.mkdtemp(prefix="malora-fx-bench-"))
+    try:
+        lowered = OrtGenerator(args.export_dir, args.provider)
+        with say("base export"):
+            base = OrtGenerator(_cached_export(args.run, manifest, scratch / "base", base_only=True), args.provider)
+        variants = {"base export": ort_runner(base), "lowered export": ort_runner(lowered)}
+        with say("unlowered export"):
+            try:
+                variants["unlowered export"] = ort_runner(
+                    OrtGenerator(
+                        _cached_export(args.run, manifest, scratch / "unlowered", lowered=False), args.provider
+                    )
+                )
+            except Exception as exc:  # report, do not fail: the point is whether it exports at all
+                print(f"unlowered export: does not export ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        if not args.no_torch:
+            with say("PyTorch eager capture"):
+                variants["pytorch eager"] = _torch_variant(args.run, manifest)
+        print(
+            f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, onnxruntime {lowered.provider}"
+        )
+        vocab = min(manifest.vocab_size or 1000, 1000)
+        start = time.perf_counter()
+        time_once(variants["lowered export"], args.batch, args.seq, args.new_tokens, vocab)
+        once = time.perf_counter() - start + 0.5
+        estimate = once * len(variants) * (1 + args.repeats)
+        with say(f"timing {len(variants)} variants x {1 + args.repeats} rounds (about {estimate:.0f} s)"):
+            timings = benchmark(
+                variants,
+                batch=args.batch,
+                seq=args.seq,
+                new_tokens=args.new_tokens,
+                repeats=args.repeats,
+                vocab=vocab,
+            )
+    finally:
+        if keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(format_table(timings, args.batch, args.seq))
     if args.json:
         Path(args.json).write_text(
@@ -203,13 +292,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """``with say("stage"):`` prints ``[i/n] stage ...`` then ``done in Ns`` on stderr, one line per stage."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index = total, 0
+
+    def __call__(self, stage: str):
+        import contextlib
+        import time
+
+        self.index += 1
+
+        @contextlib.contextmanager
+        def run():
+            print(f"malora-fx: [{self.index}/{self.total}] {stage} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            yield
+            print(
+                f"malora-fx: [{self.index}/{self.total}] {stage}: done in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return run()
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name not in ("base", "unlowered")]
+
+
+def _check_bench_run(run_dir: str, manifest: ExportManifest) -> None:
+    """``run_dir`` must be a run of the export's base model and method."""
+    from ..adapters.files import read_adapter_config
+
+    info = read_adapter_config(run_dir)
+    for key in ("base_model", "method"):
+        if info.get(key) != getattr(manifest, key):
+            raise MaloraError(
+                f"--run: {run_dir} has {key} {info.get(key)!r}, the export was made with {getattr(manifest, key)!r}; "
+                "allowed: the run directory the export came from"
+            )
+
+
 def _cached_export(run_dir: str, manifest: ExportManifest, out: Path, **options) -> Path:
-    """``out``, exported from ``run_dir`` (the run the manifest names) unless already there."""
+    """``out``, exported from ``run_dir`` unless already there (a previous ``--keep``)."""
     from ..deploy.manifest import EXPORT_JSON
     from ..deploy.onnx_export import export_run
 
     if not (out / EXPORT_JSON).is_file():
-        print(f"malora-fx: exporting {out.name} variant for comparison", file=sys.stderr)
         export_run(run_dir, out, dtype=manifest.dtype, opset=manifest.opset, **options)
     return out
 

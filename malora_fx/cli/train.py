@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from ..errors import MaloraError
 from .flags import OneLineParser, add_dataclass_flags, dataclass_from_args
@@ -25,6 +27,7 @@ def add_parsers(sub) -> None:
     make.add_argument("--train", type=int, default=200, help="training examples per task (default 200)")
     make.add_argument("--eval", type=int, default=20, help="eval examples per task (default 20)")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     make.set_defaults(func=cmd_data_make)
 
     p = sub.add_parser(
@@ -72,6 +75,9 @@ def add_parsers(sub) -> None:
 def cmd_data_make(args: argparse.Namespace) -> int:
     from ..training.suites import write_suite
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise MaloraError(f"--out {str(out)!r} exists and is not empty; choose a new directory or pass --overwrite")
     paths = write_suite(args.suite, args.out, train=args.train, eval=args.eval, seed=args.seed)
     for split, path in paths.items():
         lines = sum(1 for _ in open(path, encoding="utf-8"))
@@ -111,30 +117,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.data import read_jsonl
     from ..training.evaluate import evaluate
 
+    _check_counts(args, ("batch_size", "max_length", "max_new_tokens", "limit"))
     examples = _limit(read_jsonl(args.data), args.limit)
     gm, loaded = load_run(args.run_dir)
     gm.to(args.device)
     options = dict(
         max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device
     )
-    results = {
-        "adapted": evaluate(
-            lambda i, m: gm(input_ids=i, attention_mask=m).logits, loaded.tokenizer, examples, **options
-        )
-    }
+    adapted = _eval_progress(
+        "adapted", len(examples), args.batch_size, lambda i, m: gm(input_ids=i, attention_mask=m).logits
+    )
+    results = {"adapted": adapted.run(evaluate, loaded.tokenizer, examples, **options)}
     if args.base:
         base = loaded.model.to(args.device)
-        results["base"] = evaluate(
+        progress = _eval_progress(
+            "base",
+            len(examples),
+            args.batch_size,
             lambda i, m: base(input_ids=i, attention_mask=m, use_cache=False).logits,
-            loaded.tokenizer,
-            examples,
-            **options,
         )
+        results["base"] = progress.run(evaluate, loaded.tokenizer, examples, **options)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print_eval_table(results)
     return 0
+
+
+class _eval_progress:  # noqa: N801 - used like a function
+    """Progress of one ``evaluate`` run on stderr: a start line, a line every few seconds with the
+    model calls made so far (prefill and decode steps of every batch), and a final line; stdout
+    keeps the results only."""
+
+    def __init__(self, name: str, examples: int, batch_size: int, logits_fn, every_s: float = 5.0) -> None:
+        self.name, self.examples, self.batch_size, self.logits_fn = name, examples, batch_size, logits_fn
+        self.calls, self.every_s = 0, every_s
+        self.began = self.last = 0.0
+
+    def __call__(self, ids, mask):
+        import time
+
+        self.calls += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(
+                f"malora-fx: eval {self.name}: {self.calls} model calls, {now - self.began:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.logits_fn(ids, mask)
+
+    def run(self, evaluate, tokenizer, examples, **options):
+        import time
+
+        batches = -(-self.examples // max(self.batch_size, 1))
+        print(
+            f"malora-fx: eval {self.name}: {self.examples} examples in about {batches} batches of {self.batch_size}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.began = self.last = time.perf_counter()
+        result = evaluate(self, tokenizer, examples, **options)
+        print(
+            f"malora-fx: eval {self.name}: done ({self.calls} model calls, {time.perf_counter() - self.began:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
 
 
 def print_eval_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -150,11 +200,20 @@ def print_eval_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
         print(f"{task:<{width}}  {int(results[columns[0]][task]['n']):>4}{row}")
 
 
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Count options must be >= 1 (the library would loop forever or fail deep inside)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise MaloraError(f"--{name.replace('_', '-')}: {value} is not allowed; expected an integer >= 1")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..adapters.run_dir import load_run
     from ..training.data import read_jsonl
     from ..training.routing_report import expert_load, plot_expert_load
 
+    _check_counts(args, ("batch_size", "max_length", "max_new_tokens", "limit"))
     examples = _limit(read_jsonl(args.data), args.limit)
     gm, loaded = load_run(args.run_dir)
     try:

@@ -58,14 +58,18 @@ def _check_out(args: argparse.Namespace) -> Path | None:
         raise MaloraError(f"--out {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise MaloraError(f"--out {str(out)!r} exists and is not empty; choose a new directory or pass --overwrite")
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise MaloraError(f"--out {str(out)!r} is under {str(blocking)!r}, which is a file; expected a directory path")
     return out
 
 
 def summarize(config, sites: dict[str, dict[str, int]], base_parameters: int, source: str) -> dict[str, Any]:
     """The transform summary: totals, per-method totals and per-site counts."""
-    from ..adapters.accounting import count_sites, method_totals, percent
+    from ..adapters.accounting import count_sites, method_ranks, method_totals, percent
 
     counts = count_sites(config, sites)
+    ranks = method_ranks(config)
     total = sum(c.parameters for c in counts)
     return {
         "base_model": source,
@@ -75,7 +79,7 @@ def summarize(config, sites: dict[str, dict[str, int]], base_parameters: int, so
         "trainable_parameters": total,
         "trainable_percent": percent(total, base_parameters),
         "methods": {
-            m: {"trainable_parameters": t, "trainable_percent": percent(t, base_parameters)}
+            m: {"rank": ranks[m], "trainable_parameters": t, "trainable_percent": percent(t, base_parameters)}
             for m, t in method_totals(config, sites).items()
         },
         "sites": [
@@ -104,9 +108,16 @@ def print_table(summary: dict[str, Any], stream=None) -> None:
         file=stream,
     )
     cfg = summary["config"]
-    print(f"same sites, N={cfg['num_experts']}, rank={cfg['rank']}:", file=stream)
+    print(
+        f"same sites, N={cfg['num_experts']}, {summary['method']} at rank {cfg['rank']}, others at their default rank:",
+        file=stream,
+    )
     for method, row in summary["methods"].items():
-        print(f"  {method:<10} {row['trainable_parameters']:>14,}  {row['trainable_percent']:6.2f}%", file=stream)
+        print(
+            f"  {method:<10} rank {row['rank']:>3} {row['trainable_parameters']:>14,}"
+            f"  {row['trainable_percent']:6.2f}%",
+            file=stream,
+        )
 
 
 def cmd_transform(args: argparse.Namespace) -> int:

@@ -18,8 +18,10 @@ Contract:
   one writer (always ``true``), is accepted and dropped.
 * ``adapters`` is informational: the absolute path of the run directory the
   adapters came from, at export time (``None`` for base-only and graph
-  exports). The export itself is self-contained and never needs it;
-  ``malora-fx bench`` reads it to re-export comparison variants of that run.
+  exports). The export itself is self-contained and nothing reads this path
+  back, so an export folder copied to another machine works the same;
+  ``malora-fx bench`` takes the run directory explicitly (``--run``) and only
+  quotes this value in its error when ``--run`` is missing.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ _LEGACY_KEYS = frozenset({"lowered"})  # written by format-1 export_onnx; carrie
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of an export dtype name (``fp32`` / ``fp16``)."""
     if name not in DTYPES:
-        raise MaloraError(f"--dtype: {name!r}; allowed: {', '.join(DTYPES)}")
+        raise MaloraError(f"dtype: {name!r}; allowed: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

@@ -18,14 +18,17 @@ leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelSourceError, first_line
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -197,11 +202,41 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
         if handle.read(4) != b"GGUF":
             raise ModelSourceError(f"model {str(path)!r} is not a GGUF file (bad magic bytes)")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with _gguf_progress_bars(logger.isEnabledFor(logging.INFO)):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype
+            )
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise ModelSourceError(f"model {str(path)!r}: could not load GGUF: {first_line(exc)}") from exc
     return LoadedModel(model.eval(), str(path.resolve()), tokenizer)
+
+
+@contextlib.contextmanager
+def _gguf_progress_bars(show: bool) -> Iterator[None]:
+    """transformers draws a "Converting and de-quantizing GGUF tensors" bar (with ``tqdm.auto``,
+    outside its own progress-bar switch) each time it reads the file: three times per load, then
+    its "Loading weights" bar. Shown only when INFO logging is on (``malora-fx -v``)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - transformers without GGUF support
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if show or original is None:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    hf_logging.disable_progress_bar()  # and its "Loading weights" bar
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _load_config_only(path: Path) -> LoadedModel:

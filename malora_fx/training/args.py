@@ -54,7 +54,7 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
-            raise MaloraError("give either --steps or --epochs, not both")
+            raise MaloraError("steps and epochs: give one of them, not both")
         if self.steps is not None and self.steps < 1:
             raise MaloraError(f"steps: {self.steps} must be >= 1")
         if self.epochs is not None and not self.epochs > 0:
@@ -68,8 +68,10 @@ class TrainArgs:
             raise MaloraError(f"weight decay: {self.weight_decay} must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
             raise MaloraError(f"warmup ratio: {self.warmup_ratio} is out of range; allowed: 0 <= ratio < 1")
-        if self.save_every < 0 or self.keep < 1:
-            raise MaloraError(f"save_every: {self.save_every} must be >= 0 and keep: {self.keep} >= 1")
+        if self.save_every < 0:
+            raise MaloraError(f"save_every: {self.save_every} must be >= 0 (0 = no checkpoints)")
+        if self.keep < 1:
+            raise MaloraError(f"keep: {self.keep} must be >= 1")
         if self.max_grad_norm <= 0:
             raise MaloraError(f"max_grad_norm: {self.max_grad_norm} must be > 0")
         parse_sampling(self.task_sampling)

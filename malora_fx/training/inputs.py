@@ -61,10 +61,10 @@ def resolve_target(
 def check_checkpoints(run_dir: Path, resume: bool) -> None:
     existing = complete_checkpoints(run_dir, verify=False)
     if resume and latest_checkpoint(run_dir) is None:
-        raise MaloraError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        raise MaloraError(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     if not resume and existing:
         raise MaloraError(
-            f"{run_dir} already has checkpoints ({existing[-1].name}); pass --resume to "
+            f"{run_dir} already has checkpoints ({existing[-1].name}); pass resume=True to "
             "continue, or transform into a new run directory"
         )
 

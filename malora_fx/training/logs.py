@@ -1,7 +1,8 @@
 """What a run reports: the progress bar, ``metrics.jsonl`` and the loss plot.
 
 * :class:`Progress`: one line on stderr, redrawn in place on a terminal, else
-  a line per 5 % of the steps.
+  a line per 5 % of the steps; tok/s counts every token read (prompt and
+  response), the figure in brackets the response tokens the loss covers.
 * :class:`MetricsFile`: ``metrics.jsonl``, one JSON object per line (a step's
   row, or the final ``{"step", "eval_loss"}`` row). :meth:`MetricsFile.until`
   returns the rows of steps ``<= step`` and, when asked, rewrites the file
@@ -40,7 +41,8 @@ class Progress:
         eta = elapsed / max(1, done - self.start) * (self.total - done)
         text = (
             f"step {done}/{self.total}  loss {row['loss']:.4f}  aux {row['aux_loss']:.4f}  "
-            f"{row['tokens_per_s']:.0f} tok/s  ETA {_clock(eta)}"
+            f"{row['tokens_per_s']:.0f} tok/s ({row.get('response_tokens_per_s', 0):.0f} in the loss)  "
+            f"ETA {_clock(eta)}"
         )
         if self.tty:
             print("\r" + text, end="\n" if done == self.total else "", file=sys.stderr, flush=True)
@@ -93,8 +95,9 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path) -> None:
         twin = ax.twinx()
         twin.plot([r["step"] for r in rows], aux, color="tab:orange", alpha=0.6, label="load-balancing loss")
         twin.set_ylabel("aux loss")
-        twin.legend(loc="upper center")
-    ax.legend(loc="upper right")
+    # one legend for both axes: two legends (one per axis) overlapped in the same corner
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [str(h.get_label()) for h in handles], loc="upper right")
     ax.set_title(f"training loss ({path.parent.name})")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

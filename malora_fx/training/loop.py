@@ -105,10 +105,10 @@ class Run:
     def resume(self) -> None:
         ckpt = latest_checkpoint(self.out_dir) if self.out_dir is not None else None
         if ckpt is None:
-            raise MaloraError(f"--resume: no complete checkpoint in {self.out_dir}")
+            raise MaloraError(f"resume: no complete checkpoint in {self.out_dir}")
         state, optim, rng = read_checkpoint(ckpt)
         if state.get("fingerprint") != self.fingerprint:
-            raise MaloraError(f"--resume: {ckpt} was made with other data or settings; resume with the same ones")
+            raise MaloraError(f"resume: {ckpt} was made with other data or settings; resume with the same ones")
         load_adapters(self.gm, ckpt)
         load_optimizer_tensors(self.optimizer, optim)
         restore_rng(rng)

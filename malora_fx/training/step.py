@@ -11,7 +11,10 @@ response tokens and divided by the step's response-token count, plus
 divided by ``grad_accum``; backward; gradients summed over ranks; norm
 clipping; optimizer and scheduler step; gradients cleared. It returns the
 metrics row ``{step, loss, aux_loss, lr, grad_norm, tokens, tokens_per_s,
-seconds}`` (``step`` counts from 1, ``lr`` is the rate the step used).
+response_tokens, response_tokens_per_s, seconds}`` (``step`` counts from 1,
+``lr`` is the rate the step used). ``tokens`` counts every real token the
+forward pass read (prompt and response, all ranks); ``response_tokens`` only
+the ones the loss covers.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def train_step(
     ce_total = torch.zeros((), device=device)
     aux_total = torch.zeros((), device=device)
     seen = 0
+    response = 0
     reduce = dist.all_reduce if dist.world > 1 else None
     for batch, step_tokens in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -95,6 +99,7 @@ def train_step(
         ce_total += ce.detach()
         aux_total += aux.detach()
         seen += int(batch["attention_mask"].sum())
+        response = step_tokens  # the whole step's response tokens (all micro-batches, all ranks)
     if dist.world > 1:
         for p in params:
             if p.grad is not None:
@@ -115,5 +120,7 @@ def train_step(
         "grad_norm": float(grad_norm),
         "tokens": seen,
         "tokens_per_s": seen / max(elapsed, 1e-9),
+        "response_tokens": response,
+        "response_tokens_per_s": response / max(elapsed, 1e-9),
         "seconds": elapsed,
     }

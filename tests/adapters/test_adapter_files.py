@@ -116,3 +116,40 @@ def test_load_rejects_non_adapter_directories(tmp_path):
     (tmp_path / CONFIG_FILE).write_text('{"format": "peft"}')
     with pytest.raises(mf.AdapterFileError, match="format is 'peft'"):
         mf.load_adapters(gm, tmp_path)
+
+
+def _saved_config(tmp_path):
+    gm, _ = _adapted("malora", targets="q_proj")
+    mf.save_adapters(gm, tmp_path, base_model="tiny-llama")
+    return gm, json.loads((tmp_path / CONFIG_FILE).read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(rnak=12), r"adapter_config.json: unknown key 'rnak'; allowed: format, base_model"),
+        (lambda c: c.update(format="malora-fx/2"), r"format 'malora-fx/2' is not supported .*supported: 'malora-fx/1'"),
+        (lambda c: c.pop("top_k"), r"adapter_config.json: missing key 'top_k'"),
+        (lambda c: c.update(top_k=99), r"adapter_config.json: top_k: 99 is larger than num_experts=4"),
+    ],
+    ids=["unknown-key", "newer-format", "missing-key", "bad-value"],
+)
+def test_adapter_config_is_read_strictly(tmp_path, edit, message):
+    gm, config = _saved_config(tmp_path)
+    edit(config)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(mf.AdapterFileError, match=message):
+        mf.read_adapter_config(tmp_path)
+    with pytest.raises(mf.AdapterFileError, match=message):
+        mf.load_adapters(gm, tmp_path)
+
+
+def test_config_from_dict_refuses_unknown_keys_and_replace_still_works():
+    config = mf.MALoRAConfig(method="malora", rank=4)
+    with pytest.raises(mf.ConfigError, match=r"unknown config key 'shared_rnak'; allowed: method, targets"):
+        mf.MALoRAConfig.from_dict({**config.to_dict(), "shared_rnak": 8})
+    with pytest.raises(mf.ConfigError, match=r"unknown config key 'num_expert'"):
+        config.replace(num_expert=4)
+    assert config.replace(top_k=1).top_k == 1
+    assert config.replace(method="lora").rank == 64
+    assert mf.MALoRAConfig.from_dict(config.to_dict()) == config

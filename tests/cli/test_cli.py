@@ -72,6 +72,16 @@ def test_json_summary(tmp_path, capsys):
     )
     assert data["trainable_parameters"] == expected == data["methods"]["molora"]["trainable_parameters"]
     assert set(data["methods"]) == {"malora", "molora", "hydralora", "lora"}
+    # each method at its own default rank (molora at the config's 4, lora at its 64), labelled per row
+    assert {m: row["rank"] for m, row in data["methods"].items()} == {
+        "malora": 12,
+        "molora": 4,
+        "hydralora": 8,
+        "lora": 64,
+    }
+    assert data["methods"]["lora"]["trainable_parameters"] == sum(
+        site_parameters("lora", s["in_features"], s["out_features"], num_experts=4, rank=64) for s in data["sites"]
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -98,11 +108,11 @@ BAD_INPUTS = [
     (["transform", "/no/such/model"], "model '/no/such/model' does not exist"),
     (["transform", "{text_file}"], "is not a model; expected a transformers directory"),
     (["transform", "tiny-llama", "--method", "moe"], "method: unknown method 'moe'"),
-    (["transform", "tiny-llama", "--top-k", "9"], "top_k: 9 is larger than num_experts=8"),
+    (["transform", "tiny-llama", "--top-k", "9"], "--top-k: 9 is larger than --experts=8"),
     (["transform", "tiny-llama", "--rank", "0"], "rank: 0 is not allowed"),
     (["transform", "tiny-llama", "--rank", "-2"], "rank: -2 is not allowed"),
-    (["transform", "tiny-llama", "--shared-rank", "100"], "shared_rank: 100 is larger than in_features=64"),
-    (["transform", "tiny-llama", "--targets", "query,key"], "targets 'query,key' match no linear module"),
+    (["transform", "tiny-llama", "--shared-rank", "100"], "--shared-rank: 100 is larger than in_features=64"),
+    (["transform", "tiny-llama", "--targets", "query,key"], "match no linear module"),
     (["transform", "tiny-llama", "--experts", "two"], "argument --experts: invalid int value: 'two'"),
     (["transform", str(EXAMPLE_7B)], "is a bare config without weights; use it with --dry-run"),
 ]
@@ -145,7 +155,7 @@ def test_console_script_exit_code():
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "malora-fx: error: top_k: 0 is not allowed; expected an integer >= 1"
+    assert proc.stderr.strip() == "malora-fx: error: --top-k: 0 is not allowed; expected an integer >= 1"
 
 
 @pytest.mark.parametrize(
@@ -182,4 +192,4 @@ def test_flags_build_the_config_and_its_errors_apply(capsys):
     targs = dataclass_from_args(TrainArgs, args)
     assert (targs.steps, targs.bf16, targs.max_grad_norm, targs.batch_size) == (7, True, 0.5, 8)
     code, _, err = run(capsys, "train", "RUN", "--data", "D", "--steps", "3", "--epochs", "1")
-    assert code == 2 and err.strip() == "malora-fx: error: give either --steps or --epochs, not both"
+    assert code == 2 and err.strip() == "malora-fx: error: --steps and --epochs: give one of them, not both"

@@ -140,6 +140,10 @@ def test_train_graph_module_in_place_changes_adapters_and_lowers_loss(tmp_path, 
     assert result.gm is gm and result.run_dir is None and result.steps == 25
     assert [r["step"] for r in result.metrics] == list(range(1, 26))
     assert result.final_loss == result.metrics[-1]["loss"]
+    # tok/s counts every token read; response_tokens only those the loss covers (prompt excluded)
+    for row in result.metrics:
+        assert 0 < row["response_tokens"] < row["tokens"], row
+        assert row["response_tokens_per_s"] < row["tokens_per_s"]
     after = mean_loss()
     assert after < before - 0.5, (before, after)  # ln(258) ≈ 5.55 at init; about 4.5 after
     assert result.metrics[-1]["loss"] < result.metrics[0]["loss"]
@@ -270,3 +274,25 @@ def test_schedule_and_metrics_file(tmp_path):
     assert len(log.path.read_text().splitlines()) == 4
     assert [r["step"] for r in log.until(2, rewrite=True)] == [1, 2]
     assert len(log.path.read_text().splitlines()) == 2
+
+
+def test_loss_plot_has_one_legend_for_both_curves(tmp_path, monkeypatch):
+    """Two legends (one per axis) used to overlap; one combined legend names both curves."""
+    import matplotlib.figure
+
+    from malora_fx.training.logs import plot_losses
+
+    seen = []
+    original = matplotlib.figure.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        seen.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    rows = [{"step": i, "loss": 5.0 - 0.1 * i, "aux_loss": 1.0 + 0.01 * i} for i in range(1, 6)]
+    plot_losses(rows, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").is_file() and len(seen) == 1
+    legends = [ax.get_legend() for ax in seen[0].axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    assert [t.get_text() for t in legends[0].get_texts()] == ["LM loss (response tokens)", "load-balancing loss"]
