@@ -7,7 +7,7 @@ import torch
 
 import malora_fx as mf
 from malora_fx.graph.capture import default_example_kwargs
-from malora_fx.graph.sources import tiny_model
+from malora_fx.graph.tiny_models import tiny_model
 
 TINY_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 METHODS = ("malora", "molora", "hydralora", "lora")

@@ -2,7 +2,8 @@
 
     transform.py   transform, fetch
     train.py       data make, train, eval, inspect
-    deploy.py      export, run, import-peft, bench
+    export.py      export, import-peft
+    serve.py       run, bench
     quickstart.py  quickstart
 
 Flags that set a config field are built from the config dataclasses
@@ -21,10 +22,10 @@ import warnings
 from collections.abc import Sequence
 
 from ..errors import MaloraError
-from . import deploy, quickstart, train, transform
+from . import export, quickstart, serve, train, transform
 from .flags import EXIT_USAGE, OneLineParser
 
-COMMAND_GROUPS = (transform, train, deploy, quickstart)
+COMMAND_GROUPS = (transform, train, export, serve, quickstart)
 # Loggers of the libraries the commands drive; without -v only their errors are shown.
 THIRD_PARTY_LOGGERS = (
     "transformers",

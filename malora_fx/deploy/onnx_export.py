@@ -190,7 +190,8 @@ def export_onnx(
     Example:
         >>> export_onnx(gm, "exports/gm", {"input_ids": ids, "attention_mask": mask})
     """
-    from ..graph.capture import graph_kwargs, traceable_example
+    from ..graph.capture import traceable_example
+    from ..graph.constants import graph_kwargs
 
     if opset < 18:
         raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")

@@ -28,10 +28,9 @@ parameter count, and the example inputs in ``gm.meta``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,11 +39,11 @@ from torch.export import Dim
 
 from ..errors import MaloraError, first_line
 from ..passes import BASE_PARAMETERS_KEY, EXAMPLE_KWARGS_KEY, OUTPUT_HEADS_KEY
+from .constants import BakedConstants, bound_constants, split_constants
 
 logger = logging.getLogger(__name__)
 
 TRACERS = ("auto", "export", "symbolic_trace")
-CONSTANT_TYPES = (bool, int, float, str, type(None))  # example kwargs of these types are baked into the graph
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -148,78 +147,6 @@ def _size_one_dims(args: tuple, kwargs: dict[str, Any], token_inputs: bool) -> l
     ]
 
 
-def _split_constants(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(graph inputs, constants): example kwargs that are bool / int / float / str / None become constants."""
-    inputs = {k: v for k, v in kwargs.items() if not isinstance(v, CONSTANT_TYPES)}
-    constants = {k: v for k, v in kwargs.items() if isinstance(v, CONSTANT_TYPES)}
-    return inputs, constants
-
-
-class BakedConstants:
-    """Forward pre-hook of a captured graph: the non-tensor example kwargs baked into it at capture.
-
-    A call may repeat them with the same value (they are dropped before the graph runs); another
-    value is refused, since the graph was traced with the captured one.
-    """
-
-    def __init__(self, constants: Mapping[str, Any]) -> None:
-        self.constants = dict(constants)
-
-    def graph_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """``kwargs`` without the baked constants; a baked key with another value is a MaloraError."""
-        out = {}
-        for key, value in kwargs.items():
-            if key not in self.constants:
-                out[key] = value
-            elif not _same_constant(value, self.constants[key]):
-                raise MaloraError(
-                    f"{key}={value!r}: this graph was captured with {key}={self.constants[key]!r}, a constant baked "
-                    f"into it; pass {key}={self.constants[key]!r} or nothing, or capture again with the value you want"
-                )
-        return out
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        return args, self.graph_kwargs(kwargs)
-
-
-def _same_constant(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
-
-
-def baked_constants(gm: nn.Module) -> dict[str, Any]:
-    """The non-tensor example kwargs baked into a captured graph at capture (``{}`` when none)."""
-    for hook in gm._forward_pre_hooks.values():
-        if isinstance(hook, BakedConstants):
-            return dict(hook.constants)
-    return {}
-
-
-def graph_kwargs(gm: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``kwargs`` less the constants baked into ``gm`` at capture (checked to hold the captured values)."""
-    for hook in gm._forward_pre_hooks.values():
-        if isinstance(hook, BakedConstants):
-            return hook.graph_kwargs(kwargs)
-    return dict(kwargs)
-
-
-@contextlib.contextmanager
-def _bound_constants(model: nn.Module, constants: dict[str, Any]) -> Iterator[None]:
-    """``model.forward`` with ``constants`` bound while tracing, so they are not graph inputs."""
-    if not constants:
-        yield
-        return
-    had_own = "forward" in model.__dict__
-    own = model.__dict__.get("forward")
-    model.__dict__["forward"] = functools.partial(model.forward, **constants)  # the instance's, not the class's
-    try:
-        yield
-    finally:
-        if had_own:
-            model.__dict__["forward"] = own
-        else:
-            del model.__dict__["forward"]
-
-
 def capture(
     model: nn.Module,
     example_kwargs: dict[str, Any] | None = None,
@@ -262,7 +189,7 @@ def capture(
         if not hf:
             raise MaloraError("capture: a plain nn.Module needs example_args or example_kwargs")
         example_kwargs = default_example_kwargs(model)
-    inputs, constants = _split_constants(dict(example_kwargs or {}))
+    inputs, constants = split_constants(dict(example_kwargs or {}))
     if tracer == "symbolic_trace":
         gm = _symbolic_trace(model, constants)
     else:
@@ -334,7 +261,7 @@ def _export(
 
         trace_args = tuple(_traceable(a, dims(a)) for a in args)
         trace_kwargs = {k: _traceable(v, dims(v)) for k, v in kwargs.items()}
-        with _tracing_state(model), _bound_constants(model, constants):
+        with _tracing_state(model), bound_constants(model, constants):
             exported = torch.export.export(model, trace_args, trace_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         logger.info("captured %s with torch.export (%d nodes)", type(model).__name__, len(exported.graph.nodes))
         return exported.module()

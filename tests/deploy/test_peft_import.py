@@ -9,7 +9,7 @@ from malora_fx.adapters.run_dir import load_run
 from malora_fx.cli import main
 from malora_fx.deploy.onnx_export import export_run
 from malora_fx.deploy.runner import OrtGenerator
-from malora_fx.graph.sources import tiny_model
+from malora_fx.graph.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -8,7 +8,7 @@ from torch import nn
 
 import malora_fx as mf
 from malora_fx.errors import MaloraError
-from malora_fx.graph.capture import baked_constants
+from malora_fx.graph.constants import baked_constants
 from malora_fx.passes import EXAMPLE_KWARGS_KEY
 
 

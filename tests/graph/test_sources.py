@@ -7,7 +7,8 @@ import torch
 from conftest import main_output
 
 import malora_fx as mf
-from malora_fx.graph.sources import BUILTIN_NAMES, tiny_model
+from malora_fx.graph.sources import BUILTIN_NAMES
+from malora_fx.graph.tiny_models import tiny_model
 
 
 def test_tiny_models_are_deterministic():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from malora_fx.errors import MaloraError
-from malora_fx.graph.sources import tiny_tokenizer
+from malora_fx.graph.tiny_models import tiny_tokenizer
 from malora_fx.training.data import (
     IGNORE,
     DataError,

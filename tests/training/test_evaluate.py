@@ -10,7 +10,7 @@ from conftest import randomize_adapters, small_config, tiny
 import malora_fx as mf
 from malora_fx.adapters.run_dir import load_run
 from malora_fx.cli import main
-from malora_fx.graph.sources import tiny_tokenizer
+from malora_fx.graph.tiny_models import tiny_tokenizer
 from malora_fx.training.data import Example, read_jsonl
 from malora_fx.training.evaluate import exact_match, greedy_generate, task_losses
 from malora_fx.training.routing_report import expert_load

@@ -11,7 +11,7 @@ import malora_fx as mf
 from malora_fx import quickstart
 from malora_fx.cli import main
 from malora_fx.deploy import runner
-from malora_fx.graph.sources import tiny_tokenizer
+from malora_fx.graph.tiny_models import tiny_tokenizer
 from malora_fx.training import routing_report
 from malora_fx.training.data import IGNORE, Example, encode, format_prompt
 from malora_fx.training.evaluate import exact_match

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import malora_fx as mf
 from malora_fx.adapters.files import adapter_state_dict
 from malora_fx.cli import main
-from malora_fx.graph.sources import tiny_tokenizer
+from malora_fx.graph.tiny_models import tiny_tokenizer
 from malora_fx.training.args import TrainArgs
 from malora_fx.training.checkpoint import latest_checkpoint
 from malora_fx.training.loop import train
