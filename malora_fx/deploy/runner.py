@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MaloraError
+from ..errors import MaloraError, first_line
 from .manifest import EXPORT_JSON, ExportManifest
 
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -70,7 +70,11 @@ class OrtGenerator:
         self.provider = choose_provider(provider)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # overridable adapter initializers are intended; keep ORT quiet about them
-        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=[self.provider])
+        model_file = self.dir / "model.onnx"
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=[self.provider])
+        except Exception as exc:  # onnxruntime raises its own types for a damaged or foreign file
+            raise MaloraError(f"{model_file}: onnxruntime cannot load it ({first_line(exc)})") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         self.dtype = _NP_DTYPES[self.manifest.dtype]
@@ -192,6 +196,8 @@ class OrtGenerator:
                 f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
                 f"model's context of {limit} positions"
             )
+        if max_new_tokens < 0:
+            raise MaloraError(f"max_new_tokens: {max_new_tokens} is not allowed; expected an integer >= 0")
         if temperature < 0 or not 0 < top_p <= 1:
             raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
         options = self.run_options(adapter)

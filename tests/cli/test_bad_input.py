@@ -364,6 +364,21 @@ CLI_CASES = [
         ["export.json"],
     ),
     (
+        "run-truncated-model-onnx",
+        lambda w, t: ["run", exp_with(w, t, lambda e: _truncate(e / "model.onnx", 1000)), "--prompt", "x"],
+        ["model.onnx: onnxruntime cannot load it"],
+    ),
+    (
+        "run-empty-model-onnx",
+        lambda w, t: ["run", exp_with(w, t, lambda e: _truncate(e / "model.onnx", 0)), "--prompt", "x"],
+        ["model.onnx: onnxruntime cannot load it"],
+    ),
+    (
+        "run-negative-max-new-tokens",
+        lambda w, t: ["run", str(w["exp"]), "--prompt", "x", "--max-new-tokens", "-1"],
+        ["--max-new-tokens: -1 is not allowed; expected an integer >= 0"],
+    ),
+    (
         "run-unknown-provider",
         lambda w, t: ["run", str(w["exp"]), "--prompt", "x", "--provider", "tpu"],
         ["--provider: unknown provider 'tpu'; allowed: auto, cuda, cpu"],
