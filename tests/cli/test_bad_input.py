@@ -182,6 +182,16 @@ CLI_CASES = [
     ),
     ("transform-no-out", lambda w, t: ["transform", "tiny-llama"], ["--out DIR is required (or pass --dry-run)"]),
     (
+        "quickstart-nonempty-out",
+        lambda w, t: ["quickstart", "--model", "tiny-llama", "--out", _nonempty(t)],
+        ["is not empty and holds no earlier quickstart", "--overwrite"],
+    ),
+    (
+        "quickstart-out-is-a-file",
+        lambda w, t: ["quickstart", "--model", "tiny-llama", "--out", write(t, "f.txt", "x")],
+        ["exists and is not a directory"],
+    ),
+    (
         "transform-non-empty-out",
         lambda w, t: ["transform", "tiny-llama", "--out", _nonempty(t)],
         ["exists and is not empty", "--overwrite"],
