@@ -59,20 +59,21 @@ def _same_constant(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _hook(gm: nn.Module) -> BakedConstants | None:
+    """The ``BakedConstants`` pre-hook capture registered on ``gm``, if any."""
+    return next((h for h in gm._forward_pre_hooks.values() if isinstance(h, BakedConstants)), None)
+
+
 def baked_constants(gm: nn.Module) -> dict[str, Any]:
     """The non-tensor example kwargs baked into a captured graph at capture (``{}`` when none)."""
-    for hook in gm._forward_pre_hooks.values():
-        if isinstance(hook, BakedConstants):
-            return dict(hook.constants)
-    return {}
+    hook = _hook(gm)
+    return {} if hook is None else dict(hook.constants)
 
 
 def graph_kwargs(gm: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``kwargs`` less the constants baked into ``gm`` at capture (checked to hold the captured values)."""
-    for hook in gm._forward_pre_hooks.values():
-        if isinstance(hook, BakedConstants):
-            return hook.graph_kwargs(kwargs)
-    return dict(kwargs)
+    hook = _hook(gm)
+    return dict(kwargs) if hook is None else hook.graph_kwargs(kwargs)
 
 
 @contextlib.contextmanager
