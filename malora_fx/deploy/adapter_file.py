@@ -18,11 +18,12 @@ from pathlib import Path
 from torch import fx
 
 from ..adapters.run_dir import apply_run_adapters, read_run
+from ..errors import MaloraError, first_line
 from ..fileio import atomic_write
 from ..graph.cached_decoder import capture_decoder, is_decoder
 from ..graph.capture import capture, default_example_kwargs
 from ..passes import LOWERED_ATTR
-from .manifest import torch_dtype
+from .manifest import ExportManifest, torch_dtype
 from .merge_lower import lower
 
 
@@ -68,3 +69,31 @@ def make_initializers_overridable(path: Path, names: set[str]) -> None:
         if init.name in names and init.name not in present:
             model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     onnx.save(model, str(path))
+
+
+def check_adapter_file(manifest: ExportManifest, path: str | os.PathLike, export_dir: str | os.PathLike) -> None:
+    """Fail (one line) unless the ``.onnx_adapter`` file holds exactly the adapter tensors of this
+    switchable export, with their shapes (``export.json``'s ``adapter_parameters``)."""
+    import onnxruntime as ort
+
+    expected = {name: list(shape) for name, shape in manifest.adapter_parameters.items()}
+    if not expected:
+        raise MaloraError(
+            f"adapter: {export_dir} is not a switchable export (switchable=True); adapters cannot be swapped"
+        )
+    if not Path(path).is_file():
+        raise MaloraError(f"adapter: {path} does not exist")
+    try:
+        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    except Exception as exc:
+        raise MaloraError(f"adapter: {path} is not an onnxruntime adapter file ({first_line(exc)})") from None
+    for name, value in params.items():
+        shape = list(value.shape())
+        if expected.get(name) != shape:
+            raise MaloraError(
+                f"adapter: {path} was made for another export: tensor {name} {shape} "
+                f"does not fit ({expected.get(name, 'no such input')})"
+            )
+    if set(params) != set(expected):
+        missing = sorted(set(expected) - set(params))[0]
+        raise MaloraError(f"adapter: {path} was made for another export: it lacks {missing}")

@@ -2,9 +2,11 @@
 
 Contract: every export directory holds ``model.onnx`` (tensors in
 ``model.onnx.data`` when over 2 GB), the tokenizer files when there is a
-tokenizer, and ``export.json`` (:class:`~malora_fx.deploy.manifest.ExportManifest`,
-built once per export here); it appears only when complete, replacing an
-older one. The ONNX model passes ``onnx.checker`` (full check).
+tokenizer, ``genai_config.json`` for decoders with a KV cache (so the folder
+is an onnxruntime-genai model, :mod:`malora_fx.deploy.genai_folder`), and
+``export.json`` (:class:`~malora_fx.deploy.manifest.ExportManifest`, built
+once per export here); it appears only when complete, replacing an older one.
+The ONNX model passes ``onnx.checker`` (full check).
 
 * :func:`export_run` — a run directory's base model with its adapters (what
   ``malora-fx export`` does). Decoders are captured with their KV cache
@@ -37,6 +39,7 @@ from ..fileio import atomic_directory
 from ..graph.cached_decoder import cache_geometry, capture_decoder, decoder_dynamic_shapes, decoder_names, is_decoder
 from ..passes import FUSED_ATTR
 from .adapter_file import adapter_parameters, make_initializers_overridable
+from .genai_folder import write_genai_config
 from .manifest import ExportManifest, torch_dtype
 from .merge_lower import lower, merge
 
@@ -110,7 +113,7 @@ def export_run(
     )
     module = gm if decoder else _EncoderOutputs(gm, input_names, output_names)
     out_dir = Path(out_dir)
-    _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer)
+    _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer, model.config)
     return out_dir
 
 
@@ -164,7 +167,7 @@ def export_decoder_graph(
             **meta,
         }
     )
-    _write_export(gm, gm, example, decoder_dynamic_shapes(example), manifest, Path(out_dir), tokenizer)
+    _write_export(gm, gm, example, decoder_dynamic_shapes(example), manifest, Path(out_dir), tokenizer, config)
     return Path(out_dir)
 
 
@@ -246,9 +249,19 @@ class _EncoderOutputs(nn.Module):
 
 
 def _write_export(
-    module: nn.Module, gm: nn.Module, example, dynamic, manifest: ExportManifest, out_dir: Path, tokenizer
+    module: nn.Module,
+    gm: nn.Module,
+    example,
+    dynamic,
+    manifest: ExportManifest,
+    out_dir: Path,
+    tokenizer,
+    config=None,
 ) -> None:
-    """Export ``module`` (``gm`` or a wrapper of it) into a temporary directory, check it, rename it to ``out_dir``."""
+    """Export ``module`` (``gm`` or a wrapper of it) into a temporary directory, check it, rename it to ``out_dir``.
+
+    A decoder with a KV cache (``config`` given) also gets its ``genai_config.json``.
+    """
     import onnx
 
     for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
@@ -274,4 +287,6 @@ def _write_export(
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if manifest.kv_cache and config is not None:
+            write_genai_config(tmp, manifest, config, tokenizer, MODEL_FILE)
         manifest.write(tmp)
