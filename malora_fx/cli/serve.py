@@ -26,12 +26,11 @@ if TYPE_CHECKING:
 
 def add_parsers(sub) -> None:
     """``run`` and ``bench``."""
-    from ..deploy.runner import PROVIDERS
-
     p = sub.add_parser(
         "run",
-        help="generate text with an exported model in onnxruntime",
-        description="Stream generated text from EXPORT_DIR/model.onnx using its KV cache.",
+        help="generate text with an exported model (onnxruntime-genai or onnxruntime)",
+        description="Stream generated text from EXPORT_DIR using its KV cache, through onnxruntime-genai "
+        "(when installed) or malora-fx's onnxruntime runner.",
     )
     p.add_argument("export_dir")
     p.add_argument("--prompt", required=True)
@@ -40,7 +39,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)}")
+    _add_runtime_flags(p)
     p.add_argument(
         "--raw",
         action="store_true",
@@ -64,19 +63,39 @@ def add_parsers(sub) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--provider", default="auto")
+    _add_runtime_flags(p)
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     p.add_argument("--json", help="also write the timings here")
     p.set_defaults(func=cmd_bench)
 
 
+def _add_runtime_flags(p) -> None:
+    """``--backend``, ``--provider`` and ``--io-binding`` (shared by run and bench)."""
+    from ..deploy.backends import BACKENDS
+    from ..deploy.runner import PROVIDERS
+
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help=f"one of {', '.join(BACKENDS)}: genai = onnxruntime-genai (the genai extra), "
+        "ort = malora-fx's onnxruntime runner; auto = genai for decoder exports when installed, else ort",
+    )
+    p.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)} (auto = CUDA when available)")
+    p.add_argument(
+        "--io-binding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ort backend: keep the KV cache on the device with IOBinding (default: on with CUDA, off on CPU)",
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..deploy.runner import OrtGenerator
+    from ..deploy.backends import describe, open_generator
     from ..training.data import format_prompt
     from ..training.evaluate import stop_token_ids
 
-    gen = OrtGenerator(args.export_dir, args.provider)
-    print(f"malora-fx: onnxruntime {gen.provider}", file=sys.stderr)
+    gen = open_generator(args.export_dir, args.backend, args.provider, args.io_binding)
+    print(f"malora-fx: {describe(gen)}", file=sys.stderr)
     tok = gen.tokenizer
     prompt = format_prompt(tok, args.prompt, raw=args.raw)  # the same ids training and eval use
     produced: list[int] = []
@@ -125,8 +144,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from ..deploy.bench import benchmark, format_table, ort_runner, time_once
-    from ..deploy.runner import OrtGenerator, read_export
+    from ..deploy.backends import describe, open_generator
+    from ..deploy.bench import GenaiTimer, benchmark, format_table, ort_runner, time_once
+    from ..deploy.genai_runner import GenaiGenerator
+    from ..deploy.runner import read_export
 
     manifest = read_export(args.export_dir)
     if not manifest.kv_cache or manifest.method is None:
@@ -156,17 +177,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     scratch = keep if keep is not None else Path(tempfile.mkdtemp(prefix="malora-fx-bench-"))
     try:
-        lowered = OrtGenerator(args.export_dir, args.provider)
+
+        def timed(export_dir):
+            gen = open_generator(export_dir, args.backend, args.provider, args.io_binding)
+            return gen, GenaiTimer(gen) if isinstance(gen, GenaiGenerator) else ort_runner(gen)
+
+        lowered, lowered_run = timed(args.export_dir)
         with say("base export"):
-            base = OrtGenerator(_cached_export(args.run, manifest, scratch / "base", base_only=True), args.provider)
-        variants = {"base export": ort_runner(base), "lowered export": ort_runner(lowered)}
+            _, base_run = timed(_cached_export(args.run, manifest, scratch / "base", base_only=True))
+        variants = {"base export": base_run, "lowered export": lowered_run}
         with say("unlowered export"):
             try:
-                variants["unlowered export"] = ort_runner(
-                    OrtGenerator(
-                        _cached_export(args.run, manifest, scratch / "unlowered", lowered=False), args.provider
-                    )
-                )
+                variants["unlowered export"] = timed(
+                    _cached_export(args.run, manifest, scratch / "unlowered", lowered=False)
+                )[1]
             except Exception as exc:  # report, do not fail: the point is whether it exports at all
                 print(f"unlowered export: does not export ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
         if not args.no_torch:
@@ -174,7 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 variants["pytorch eager"] = _torch_variant(args.run, manifest)
         print(
             f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, onnxruntime {lowered.provider}"
+            f"{os.cpu_count()} CPUs, {describe(lowered)}"
         )
         vocab = min(manifest.vocab_size or 1000, 1000)
         start = time.perf_counter()

@@ -36,12 +36,42 @@ class Timing:
 
 
 def ort_runner(gen) -> Runner:
-    """A runner over an :class:`malora_fx.deploy.runner.OrtGenerator`."""
+    """A runner over an :class:`malora_fx.deploy.runner.OrtGenerator` (its ``io_binding`` setting decides how
+    the cache is kept: :mod:`malora_fx.deploy.kv_steps`)."""
 
     def run(ids, mask, positions, past):
-        return gen.step(ids, mask, positions, gen.empty_past(ids.shape[0]) if past is None else past)
+        cache = gen.new_cache(ids.shape[0]) if past is None else past
+        return cache(ids, mask, positions), cache
 
     return run
+
+
+class GenaiTimer:
+    """Times generation with a :class:`~malora_fx.deploy.genai_runner.GenaiGenerator` end to end.
+
+    Prefill is ``append_tokens`` of the prompt; a decode step is one ``generate_next_token`` after the first
+    (og samples the first token from the prefill's logits and runs the model for each later one), so it
+    includes og's search and cache handling. Batch 1 only.
+    """
+
+    def __init__(self, gen) -> None:
+        self.gen = gen
+
+    def time_generation(self, batch: int, seq: int, new_tokens: int, vocab: int) -> tuple[float, float]:
+        from ..errors import MaloraError
+
+        if batch != 1:
+            raise MaloraError(f"--batch: {batch}; onnxruntime-genai is timed at batch 1 only")
+        ids = np.random.default_rng(0).integers(0, vocab, size=(seq,), dtype=np.int64)
+        generator = self.gen.new_generator(seq + new_tokens + 1, 0.0, 1.0, 0, min_length=seq + new_tokens + 1)
+        start = time.perf_counter()
+        generator.append_tokens(ids.tolist())
+        prefill = time.perf_counter() - start
+        generator.generate_next_token()  # sampled from the prefill's logits: no model run
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+        return prefill, (time.perf_counter() - start) / max(new_tokens, 1)
 
 
 def torch_runner(gm, layers: int, kv_heads: int, head_dim: int, dtype=torch.float32) -> Runner:
@@ -63,8 +93,10 @@ def torch_runner(gm, layers: int, kv_heads: int, head_dim: int, dtype=torch.floa
     return run
 
 
-def time_once(run: Runner, batch: int, seq: int, new_tokens: int, vocab: int) -> tuple[float, float]:
+def time_once(run: Runner | GenaiTimer, batch: int, seq: int, new_tokens: int, vocab: int) -> tuple[float, float]:
     """(prefill seconds, mean decode seconds per token) of one generation."""
+    if isinstance(run, GenaiTimer):
+        return run.time_generation(batch, seq, new_tokens, vocab)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
     start = time.perf_counter()
@@ -80,7 +112,7 @@ def time_once(run: Runner, batch: int, seq: int, new_tokens: int, vocab: int) ->
 
 
 def benchmark(
-    variants: dict[str, Runner],
+    variants: dict[str, Runner | GenaiTimer],
     *,
     batch: int = 1,
     seq: int = 128,

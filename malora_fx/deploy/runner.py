@@ -6,7 +6,9 @@ which. ``generate`` prefills the prompt once, then feeds one token at a time
 with the cache (``present.*`` → ``past_key_values.*``). Sampling: greedy at
 temperature 0, otherwise temperature + top-p with a seeded NumPy generator.
 ``adapter=`` activates an ``.onnx_adapter`` file for the run
-(``RunOptions.add_active_adapter``). What the export holds comes from its
+(``RunOptions.add_active_adapter``). With ``io_binding`` (the default on
+CUDA) the KV cache stays on the device between steps and an adapter's tensors
+are bound as inputs instead (:mod:`malora_fx.deploy.kv_steps`). What the export holds comes from its
 ``export.json`` (:class:`~malora_fx.deploy.manifest.ExportManifest`,
 :func:`read_export`).
 
@@ -27,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MaloraError, first_line
+from .adapter_file import check_adapter_file
+from .kv_steps import BoundCache, NumpyCache
 from .manifest import EXPORT_JSON, ExportManifest
 
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -61,7 +65,7 @@ def read_export(export_dir: str | Path) -> ExportManifest:
 class OrtGenerator:
     """An onnxruntime session over an exported decoder with its tokenizer."""
 
-    def __init__(self, export_dir: str | Path, provider: str = "auto") -> None:
+    def __init__(self, export_dir: str | Path, provider: str = "auto", io_binding: bool | None = None) -> None:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -78,6 +82,11 @@ class OrtGenerator:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         self.dtype = _NP_DTYPES[self.manifest.dtype]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        # IOBinding keeps the KV cache on the device; by default where there is one to keep it on
+        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
+        self._bound_adapters: dict[tuple[str, int, int], dict[str, Any]] = {}  # OrtValues on self.device
+        self._bound_arrays: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}  # what CPU OrtValues wrap
         # one LoraAdapter per adapter file version, never dropped: a RunOptions does not keep its adapter alive
         self._loaded_adapters: dict[tuple[str, int, int], Any] = {}
         self._adapters_lock = threading.Lock()
@@ -111,6 +120,35 @@ class OrtGenerator:
             raise MaloraError(f"adapter: {adapter} cannot be used with this export: {exc}") from None
         return options
 
+    def adapter_values(self, adapter: str | Path | None) -> dict[str, Any]:
+        """The adapter file's tensors as ``OrtValue``s on this session's device, for IOBinding (loaded once)."""
+        import onnxruntime as ort
+
+        if adapter is None:
+            return {}
+        path = Path(adapter)
+        if not path.is_file():
+            raise MaloraError(f"adapter: {adapter} does not exist")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        with self._adapters_lock:
+            values = self._bound_adapters.get(key)
+            if values is None:
+                self.check_adapter(path)
+                params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+                # on the CPU an OrtValue wraps the array without a copy: keep the arrays alive with it
+                arrays = {name: np.array(value.numpy(), copy=True) for name, value in params.items()}
+                values = {name: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for name, a in arrays.items()}
+                self._bound_arrays[key] = arrays
+                self._bound_adapters[key] = values
+            return values
+
+    def new_cache(self, batch: int, adapter: str | Path | None = None):
+        """A fresh KV cache for one generation: ``(ids, mask, positions) -> logits`` (:mod:`.kv_steps`)."""
+        if self.io_binding:
+            return BoundCache(self, batch, self.adapter_values(adapter))
+        return NumpyCache(self, batch, self.run_options(adapter))
+
     def _adapter(self, path: Path):
         """The ``LoraAdapter`` of ``path``: checked and loaded once per file version, shared by all threads."""
         import onnxruntime as ort
@@ -128,27 +166,7 @@ class OrtGenerator:
 
     def check_adapter(self, path: Path) -> None:
         """Fail unless every tensor of the adapter file is an overridable input of this export."""
-        import onnxruntime as ort
-
-        expected = {name: list(shape) for name, shape in self.manifest.adapter_parameters.items()}
-        if not expected:
-            raise MaloraError(
-                f"adapter: {self.dir} is not a switchable export (switchable=True); adapters cannot be swapped"
-            )
-        try:
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-        except Exception as exc:
-            raise MaloraError(f"adapter: {path} is not an onnxruntime adapter file ({exc})") from None
-        for name, value in params.items():
-            shape = list(value.shape())
-            if expected.get(name) != shape:
-                raise MaloraError(
-                    f"adapter: {path} was made for another export: tensor {name} {shape} "
-                    f"does not fit ({expected.get(name, 'no such input')})"
-                )
-        if set(params) != set(expected):
-            missing = sorted(set(expected) - set(params))[0]
-            raise MaloraError(f"adapter: {path} was made for another export: it lacks {missing}")
+        check_adapter_file(self.manifest, path, self.dir)
 
     def step(
         self,
@@ -200,16 +218,15 @@ class OrtGenerator:
             raise MaloraError(f"max_new_tokens: {max_new_tokens} is not allowed; expected an integer >= 0")
         if temperature < 0 or not 0 < top_p <= 1:
             raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
-        options = self.run_options(adapter)
+        cache = self.new_cache(1, adapter)
         rng = np.random.default_rng(seed)
         ids = np.asarray([list(prompt_ids)], dtype=np.int64)
-        past = self.empty_past(1)
         length = 0
         for _ in range(max_new_tokens):
             step_len = ids.shape[1]
             mask = np.ones((1, length + step_len), dtype=np.int64)
             positions = np.arange(length, length + step_len, dtype=np.int64)[None, :]
-            logits, past = self.step(ids, mask, positions, past, options)
+            logits = cache(ids, mask, positions)
             length += step_len
             token = sample(logits[0, -1].astype(np.float64), temperature, top_p, rng)
             if stop_ids and token in stop_ids:

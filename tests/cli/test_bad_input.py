@@ -376,12 +376,58 @@ CLI_CASES = [
     (
         "run-truncated-model-onnx",
         lambda w, t: ["run", exp_with(w, t, lambda e: _truncate(e / "model.onnx", 1000)), "--prompt", "x"],
-        ["model.onnx: onnxruntime cannot load it"],
+        ["model.onnx: onnxruntime", "cannot load it"],
     ),
     (
         "run-empty-model-onnx",
         lambda w, t: ["run", exp_with(w, t, lambda e: _truncate(e / "model.onnx", 0)), "--prompt", "x"],
+        ["model.onnx: onnxruntime", "cannot load it"],
+    ),
+    (
+        "run-ort-truncated-model-onnx",
+        lambda w, t: [
+            "run",
+            exp_with(w, t, lambda e: _truncate(e / "model.onnx", 1000)),
+            "--prompt",
+            "x",
+            "--backend",
+            "ort",
+        ],
         ["model.onnx: onnxruntime cannot load it"],
+    ),
+    (
+        "run-genai-no-genai-config",
+        lambda w, t: [
+            "run",
+            exp_with(w, t, lambda e: (e / "genai_config.json").unlink()),
+            "--prompt",
+            "x",
+            "--backend",
+            "genai",
+        ],
+        ["no genai_config.json; export the run again", "or use --backend ort"],
+    ),
+    (
+        "run-genai-no-model-file",
+        lambda w, t: [
+            "run",
+            exp_with(w, t, lambda e: (e / "model.onnx").unlink()),
+            "--prompt",
+            "x",
+            "--backend",
+            "genai",
+        ],
+        ["genai_config.json names 'model.onnx', which is not there"],
+    ),
+    (
+        "run-genai-io-binding",
+        lambda w, t: ["run", str(w["exp"]), "--prompt", "x", "--backend", "genai", "--io-binding"],
+        ["--io-binding: applies to --backend ort only"],
+    ),
+    (
+        "run-unknown-backend",
+        lambda w, t: ["run", str(w["exp"]), "--prompt", "x", "--backend", "vllm"],
+        ["--backend: unknown backend 'vllm'; allowed: auto, genai, ort"],
     ),
     (
         "run-negative-max-new-tokens",
