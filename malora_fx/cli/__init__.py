@@ -22,10 +22,10 @@ import warnings
 from collections.abc import Sequence
 
 from ..errors import MaloraError
-from . import export, quickstart, serve, train, transform
+from . import export, quickstart, serve, sweep, train, transform
 from .flags import EXIT_USAGE, OneLineParser
 
-COMMAND_GROUPS = (transform, train, export, serve, quickstart)
+COMMAND_GROUPS = (transform, train, export, serve, quickstart, sweep)
 # Loggers of the libraries the commands drive; without -v only their errors are shown.
 THIRD_PARTY_LOGGERS = (
     "transformers",

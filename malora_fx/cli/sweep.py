@@ -1,0 +1,57 @@
+"""``malora-fx sweep`` (run a quality sweep, resumable) and ``malora-fx sweep-report`` (redraw its report)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    """``sweep`` and ``sweep-report``."""
+    p = sub.add_parser(
+        "sweep",
+        help="run a quality sweep (models x suites x methods x ranks x lrs x steps x seeds), resumable",
+        description="Run every cell of SPEC (TOML or JSON) not yet in OUT/results.jsonl: transform, train, "
+        "evaluate; then write OUT/results.md and plots. Run the same command again to resume.",
+    )
+    p.add_argument("spec", help="sweep spec, .toml or .json (see examples/sweep/)")
+    p.add_argument("--out", required=True, help="sweep directory (new, empty, or an earlier run of a sweep)")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec and list its cells; run nothing")
+    p.add_argument("--no-report", action="store_true", help="do not write results.md and the plots at the end")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "sweep-report",
+        help="write results.md and the plots of a sweep directory from its results.jsonl",
+        description="Aggregate DIR/results.jsonl (mean ± std over seeds; lr chosen on the validation split) "
+        "into DIR/results.md, DIR/methods.png, DIR/rank_sweep.png and DIR/params_vs_accuracy.png.",
+    )
+    p.add_argument("dir", help="sweep directory (the --out of malora-fx sweep)")
+    p.set_defaults(func=cmd_sweep_report)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ..training.sweep import RESULTS, cells, load_spec, read_results, run_sweep
+
+    spec = load_spec(args.spec)
+    if args.dry_run:
+        done = {r["id"] for r in read_results(Path(args.out) / RESULTS)}
+        todo = cells(spec)
+        for cell in todo:
+            print(f"{'done' if cell.id in done else 'todo'}  {cell.id}")
+        left = sum(c.id not in done for c in todo)
+        print(f"{len(todo)} cells, {len(todo) - left} done, {left} to run")
+        return 0
+    rows = run_sweep(spec, args.out, report=not args.no_report)
+    print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
+    if not args.no_report:
+        print(f"report: {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from ..training.sweep_report import write_report
+
+    for path in write_report(args.dir):
+        print(path)
+    return 0

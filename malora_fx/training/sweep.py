@@ -1,0 +1,345 @@
+"""``malora-fx sweep``: a reproducible, resumable quality sweep over methods, ranks, lrs and seeds.
+
+:func:`run_sweep` expands a spec (:mod:`.sweep_spec`) into cells and runs every
+cell not yet finished through the real path: ``transform`` → ``train`` (an
+adapted GraphModule, files in the cell's folder) → ``evaluate`` (per-task exact
+match and loss on the eval split, and on the validation split when the suite
+has one). The base model's numbers are computed once per model × data × eval
+settings and cached under ``DIR/base/``.
+
+Layout of ``DIR``::
+
+    spec.json            the validated spec of the latest run
+    data/<suite key>/    train.jsonl, validation.jsonl (if any), eval.jsonl
+    base/<key>.json      the base model's eval (and validation) numbers
+    cells/<id>/          a finished cell: adapters (a run directory), metrics.jsonl, loss.png, result.json
+    results.jsonl        one line per finished cell; the only record of "done"
+    results.md, *.png    the report (:mod:`.sweep_report`)
+
+A cell runs in ``cells/<id>.tmp`` and is renamed when complete; its line is
+appended to ``results.jsonl`` last (flushed and fsynced). A cell is finished
+when and only when its line is there: a restart removes every ``*.tmp`` folder
+and any ``cells/<id>`` without a line, and runs those cells again. A line cut
+short by a kill is dropped. Cells are independent of order: the base model is
+reused across cells (its weights are frozen), adapters are initialised from
+``MALoRAConfig.seed`` and training seeds the global RNG, so a resumed sweep
+gives the numbers an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MaloraError
+from ..fileio import atomic_write
+from .sweep_spec import Cell, SuiteSpec, SweepSpec, cells, load_spec, parse_spec
+
+__all__ = ["Cell", "SweepSpec", "cells", "load_spec", "parse_spec", "read_results", "run_sweep"]
+
+RESULTS = "results.jsonl"
+FORMAT = "malora-fx-sweep/1"
+Say = Callable[[str], None]
+
+
+def _say(message: str) -> None:
+    print(f"malora-fx: sweep: {message}", file=sys.stderr, flush=True)
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The finished cells' lines. A last line cut short by a kill is ignored; any other bad line is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: an append that was killed
+                continue
+            raise MaloraError(f"{path}:{number}: not a JSON line; remove it to rerun that cell") from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise MaloraError(f"{path}:{number}: not a sweep result (no 'id'); remove it to rerun that cell")
+        rows.append(row)
+    return rows
+
+
+def append_result(path: Path, row: dict[str, Any]) -> None:
+    """Append one line; a partial last line left by a kill is cut off first."""
+    if path.is_file():
+        text = path.read_bytes()
+        if text and not text.endswith(b"\n"):
+            with open(path, "r+b") as handle:
+                handle.truncate(text.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def _write_jsonl(path: Path, examples: list[dict[str, str]]) -> None:
+    text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def suite_files(out: Path, suite: SuiteSpec, data_seed: int) -> dict[str, Path]:
+    """``DIR/data/<key>/{train,validation,eval}.jsonl`` (written once; a pure function of the key).
+
+    The validation split is the first ``validation`` examples of each task in a
+    suite drawn with ``train + validation`` training examples per task: its
+    prompts differ from every train and eval prompt, and the eval split is the
+    one ``malora-fx data make`` writes for the same seed and eval count.
+    """
+    from .suites import make_suite
+
+    folder = out / "data" / f"{suite.key}-d{data_seed}"
+    splits = ("train", "validation", "eval") if suite.validation else ("train", "eval")
+    paths = {split: folder / f"{split}.jsonl" for split in splits}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    train, evaluation = make_suite(suite.name, train=suite.train + suite.validation, eval=suite.eval, seed=data_seed)
+    taken: dict[str, int] = {}
+    validation, rest = [], []
+    for example in train:
+        if taken.get(example["task"], 0) < suite.validation:
+            taken[example["task"]] = taken.get(example["task"], 0) + 1
+            validation.append(example)
+        else:
+            rest.append(example)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, examples in (("train", rest), ("validation", validation), ("eval", evaluation)):
+        if split in paths:
+            _write_jsonl(paths[split], examples)
+    return paths
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "malora_fx": __version__,
+    }
+
+
+def _summary(table: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """``evaluate``'s table as ``{exact_match, loss, n, tasks: {...}}`` (averages over tasks)."""
+    average = table["average"]
+    tasks = {t: dict(row) for t, row in table.items() if t != "average"}
+    return {"exact_match": average["exact_match"], "loss": average["loss"], "n": average["n"], "tasks": tasks}
+
+
+class _Runner:
+    """Runs cells; holds the current base model (one at a time) and the cached base numbers."""
+
+    def __init__(self, out: Path, say: Say) -> None:
+        self.out, self.say = out, say
+        self.model_name: str | None = None
+        self.loaded: Any = None
+
+    def _load(self, name: str):
+        from ..graph.cached_decoder import is_decoder
+        from ..graph.sources import load_model
+
+        if self.model_name != name:
+            self.loaded = self.model_name = None
+            gc.collect()
+            self.say(f"loading {name}")
+            loaded = load_model(name)
+            if loaded.on_meta or loaded.tokenizer is None or not is_decoder(loaded.model):
+                raise MaloraError(f"models: {name!r} is not a text-generating model with a tokenizer and weights")
+            self.loaded, self.model_name = loaded, name
+        return self.loaded
+
+    def _evaluate(self, logits_fn, cell: Cell, paths: dict[str, Path]) -> dict[str, Any]:
+        from .data import read_jsonl
+        from .evaluate import evaluate
+
+        results: dict[str, Any] = {}
+        for split in ("eval", "validation"):
+            if split in paths:
+                table = evaluate(
+                    logits_fn,
+                    self.loaded.tokenizer,
+                    read_jsonl(paths[split]),
+                    max_length=cell.eval.max_length,
+                    batch_size=cell.eval.batch_size,
+                    max_new_tokens=cell.eval.max_new_tokens,
+                    device=cell.train.device,
+                )
+                results[split] = _summary(table)
+        return results
+
+    def base(self, cell: Cell, paths: dict[str, Path]) -> dict[str, Any]:
+        """The base model's numbers for this cell's model, data and eval settings (cached on disk)."""
+        import hashlib
+
+        key = {"model": cell.model, "data": paths["eval"].parent.name, "eval": cell.settings()["eval"]}
+        key["device"] = cell.train.device
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        path = self.out / "base" / f"{paths['eval'].parent.name}-{digest}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["results"]
+        self.say(f"evaluating the base model {cell.model} on {paths['eval'].parent.name}")
+        model = self.loaded.model.to(cell.train.device)
+        results = self._evaluate(
+            lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits, cell, paths
+        )
+        model.to("cpu")  # cells capture and initialise adapters on the CPU, whatever the device
+        _write_json(path, {"key": key, "results": results})
+        return results
+
+    def run(self, cell: Cell, say_step: Say) -> dict[str, Any]:
+        from ..adapters.accounting import percent
+        from ..adapters.files import save_adapters
+        from ..adapters.transform import set_adapters_training, trainable_parameters, transform
+        from ..passes import BASE_PARAMETERS_KEY
+        from .loop import train
+
+        began = time.perf_counter()
+        final = self.out / "cells" / cell.id
+        tmp = final.with_name(final.name + ".tmp")
+        for stale in (tmp, final):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            paths = suite_files(self.out, cell.suite, cell.data_seed)
+            loaded = self._load(cell.model)
+            base = self.base(cell, paths)
+            say_step("transform")
+            gm = transform(loaded.model.to("cpu"), cell.config)  # train() moves it to the device
+            trainable = sum(p.numel() for p in trainable_parameters(gm))
+            base_parameters = int(gm.meta[BASE_PARAMETERS_KEY])
+            say_step("train")
+            result = train(
+                gm, paths["train"], cell.train, tokenizer=loaded.tokenizer, out_dir=tmp, progress=False, say=say_step
+            )
+            save_adapters(gm, tmp, base_model=cell.model)  # a run directory `malora-fx eval/export` can open
+            trained = time.perf_counter()
+            say_step("eval")
+            set_adapters_training(gm, False)
+            scores = self._evaluate(lambda ids, mask: gm(input_ids=ids, attention_mask=mask).logits, cell, paths)
+            steps = [r for r in result.metrics if "tokens" in r]
+            seconds = sum(r["seconds"] for r in steps)
+            row = {
+                "format": FORMAT,
+                "id": cell.id,
+                "model": cell.model,
+                "suite": cell.suite.name,
+                "method_name": cell.method_name,
+                "method": cell.config.method,
+                "rank": cell.config.rank,
+                "shared_rank": cell.config.shared_rank,
+                "experts": cell.config.num_experts,
+                "top_k": cell.config.top_k,
+                "steps": cell.train.steps,
+                "lr": cell.train.lr,
+                "seed": cell.seed,
+                "settings": cell.settings(),
+                "eval": scores["eval"],
+                "validation": scores.get("validation"),
+                "base": base,
+                "trainable_parameters": trainable,
+                "base_parameters": base_parameters,
+                "trainable_percent": percent(trainable, base_parameters),
+                "final_train_loss": result.final_loss,
+                "train_tokens_per_s": sum(r["tokens"] for r in steps) / max(seconds, 1e-9),
+                "train_response_tokens_per_s": sum(r["response_tokens"] for r in steps) / max(seconds, 1e-9),
+                "train_seconds": seconds,  # the optimizer steps only; wall_seconds has loading and capture too
+                "eval_seconds": time.perf_counter() - trained,
+                "wall_seconds": time.perf_counter() - began,
+                "versions": versions(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            _write_json(tmp / "result.json", row)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return row
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def prepare_dir(out: Path, spec: SweepSpec, say: Say) -> list[dict[str, Any]]:
+    """Check ``out`` (new, empty, or an earlier sweep's), record the spec, clear partial cells; the finished rows."""
+    if out.exists() and not out.is_dir():
+        raise MaloraError(f"out: {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "spec.json").is_file():
+        raise MaloraError(f"out: {str(out)!r} is not empty and holds no sweep (no spec.json); choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    previous, recorded = out / "spec.json", json.loads(json.dumps(spec.to_dict(), sort_keys=True))
+    if previous.is_file() and json.loads(previous.read_text()) != recorded:
+        say("the spec differs from the one recorded in spec.json; finished cells with the same settings are kept")
+    _write_json(previous, recorded)
+    rows = read_results(out / RESULTS)
+    done = {r["id"] for r in rows}
+    for folder in sorted((out / "cells").glob("*")) if (out / "cells").is_dir() else []:
+        if folder.name.endswith(".tmp") or folder.name not in done:
+            say(f"removing the unfinished cell {folder.name}")
+            shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def run_sweep(
+    spec: SweepSpec | str | Path, out: str | Path, *, report: bool = True, say: Say | None = None
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell of ``spec`` into ``out``; return all finished rows (and write the report)."""
+    say = say or _say
+    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
+    out = Path(out)
+    todo_all = cells(spec)
+    done = {r["id"] for r in prepare_dir(out, spec, say)}
+    todo = [c for c in todo_all if c.id not in done]
+    total, finished = len(todo_all), len(todo_all) - len(todo)
+    say(f"{total} cells, {finished} already done, {len(todo)} to run")
+    runner, spent = _Runner(out, say), 0.0
+    for number, cell in enumerate(todo, 1):
+        label = f"cell {finished + 1}/{total} {cell.id}"
+
+        def say_step(message: str, label: str = label) -> None:
+            say(f"{label}: {message}")
+
+        say_step("starting")
+        row = runner.run(cell, say_step)
+        append_result(out / RESULTS, row)
+        finished += 1
+        spent += row["wall_seconds"]
+        left = len(todo) - number
+        say(
+            f"cell {finished}/{total} done (eval EM {100 * row['eval']['exact_match']:.1f}%, "
+            f"{row['wall_seconds']:.0f} s), {left} left, ETA {_clock(spent / number * left)}"
+        )
+    rows = read_results(out / RESULTS)
+    if report and rows:
+        from .sweep_report import write_report
+
+        written = write_report(out)
+        say("report: " + ", ".join(str(p) for p in written))
+    return rows

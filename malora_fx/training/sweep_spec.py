@@ -1,0 +1,389 @@
+"""The sweep spec (TOML or JSON) and its cells, for :mod:`malora_fx.training.sweep`.
+
+A spec names the axes of a quality sweep: models × suites × seeds × methods ×
+ranks × steps × learning rates. :func:`load_spec` reads and validates it
+strictly: an unknown key or a bad value is one :class:`MaloraError` naming the
+key (``methods.lora.rank``), the value and what is allowed. :func:`cells`
+expands a spec into its cartesian product; every :class:`Cell` carries the
+validated ``MALoRAConfig`` and ``TrainArgs`` it runs with and a stable
+:attr:`Cell.id` (readable slug + a digest of every setting that reaches the
+cell), so a finished cell is recognised across runs and machines.
+
+Spec keys (top level): ``name``, ``models``, ``suites``, ``methods``,
+``seeds``, ``lrs``, ``steps``, ``ranks``, ``targets``, ``data_seed`` and the
+tables ``train`` and ``eval``; see the README section "Quality sweeps".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapters.config import ALL_LINEAR, DEFAULT_RANK, METHODS, MALoRAConfig
+from ..errors import MaloraError
+from .args import TrainArgs
+from .suites import SUITES
+
+TOP_KEYS = ("name", "models", "suites", "methods", "seeds", "lrs", "steps", "ranks", "targets", "data_seed")
+TABLES = ("train", "eval")
+SUITE_KEYS = ("train", "eval", "validation")
+METHOD_KEYS = (
+    "method",
+    "experts",
+    "top_k",
+    "rank",
+    "shared_rank",
+    "shared_rank_ratio",
+    "alpha",
+    "beta",
+    "dropout",
+    "normalize_top_k",
+    "aux_loss_coef",
+    "targets",
+)
+# TrainArgs fields a spec may set in [train]; steps, lr and seed are axes, the rest belong to the sweep.
+TRAIN_KEYS = (
+    "batch_size",
+    "grad_accum",
+    "weight_decay",
+    "warmup_ratio",
+    "max_length",
+    "task_sampling",
+    "device",
+    "bf16",
+    "max_grad_norm",
+)
+EVAL_KEYS = ("batch_size", "max_length", "max_new_tokens")
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """A built-in suite and its examples per task (``validation`` = 0: no validation split)."""
+
+    name: str
+    train: int = 200
+    eval: int = 20
+    validation: int = 0
+
+    @property
+    def key(self) -> str:
+        """The data folder name: the suite's examples depend on these numbers only."""
+        return f"{self.name}-t{self.train}-v{self.validation}-e{self.eval}"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    batch_size: int = 16
+    max_length: int = 512
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    models: tuple[str, ...]
+    suites: tuple[SuiteSpec, ...]
+    methods: dict[str, dict[str, Any]]  # label -> method fields as written (validated)
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    steps: tuple[int, ...]
+    ranks: tuple[int, ...] | None
+    targets: Any
+    data_seed: int
+    train: dict[str, Any]
+    eval: EvalSpec
+    source: str = "spec"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        data["suites"] = {s.name: {k: getattr(s, k) for k in SUITE_KEYS} for s in self.suites}
+        return data
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep: a model, a suite, a named method at one rank, steps, lr and seed."""
+
+    model: str
+    suite: SuiteSpec
+    method_name: str
+    config: MALoRAConfig
+    train: TrainArgs
+    eval: EvalSpec
+    data_seed: int
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that reaches the cell (JSON-ready); :attr:`id` is a digest of it."""
+        return {
+            "model": self.model,
+            "suite": dataclasses.asdict(self.suite),
+            "data_seed": self.data_seed,
+            "method_name": self.method_name,
+            "config": self.config.to_dict(),
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+        }
+
+    @property
+    def id(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
+        slug = (
+            f"{Path(self.model).name[:32]}-{self.suite.name}-{self.method_name}-r{self.config.rank}"
+            f"-st{self.train.steps}-lr{self.train.lr:g}-seed{self.seed}"
+        )
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", slug) + "-" + digest
+
+
+# The type of each typed key of a method entry and of [train]: int (>= 1), float (a number), bool or str.
+METHOD_TYPES: dict[str, type] = {
+    "experts": int,
+    "top_k": int,
+    "rank": int,
+    "shared_rank": int,
+    "shared_rank_ratio": float,
+    "alpha": float,
+    "beta": float,
+    "dropout": float,
+    "normalize_top_k": bool,
+    "aux_loss_coef": float,
+}
+TRAIN_TYPES: dict[str, type] = {
+    "batch_size": int,
+    "grad_accum": int,
+    "weight_decay": float,
+    "warmup_ratio": float,
+    "max_length": int,
+    "task_sampling": str,
+    "device": str,
+    "bf16": bool,
+    "max_grad_norm": float,
+}
+
+
+def _typed(source: str, where: str, data: dict[str, Any], types: dict[str, type]) -> None:
+    """Each value of ``data`` with a type in ``types`` has it (ranges are the configs' to check)."""
+    for key, value in data.items():
+        kind = types.get(key)
+        if kind is None:
+            continue
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            raise _fail(source, f"{where}.{key}", value, f"expected {what}")
+
+
+def _fail(source: str, key: str, value: Any, allowed: str) -> MaloraError:
+    return MaloraError(f"{source}: {key}: {value!r} is not allowed; {allowed}")
+
+
+def _check_keys(source: str, where: str, data: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        if not where:
+            raise MaloraError(f"{source}: expected a table of sweep settings, got {type(data).__name__}")
+        raise _fail(source, where, data, "expected a table (TOML) / object (JSON)")
+    unknown = [str(k) for k in data if k not in allowed]
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise MaloraError(f"{source}: unknown key {name!r}; allowed: {', '.join(allowed)}")
+    return data
+
+
+def _int(source: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(source, key, value, f"expected an integer >= {minimum}")
+    return value
+
+
+def _number(source: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _fail(source, key, value, "expected a number > 0")
+    return float(value)
+
+
+def _str(source: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, key, value, "expected a non-empty string")
+    return value
+
+
+def _list(source: str, key: str, value: Any, item) -> tuple:
+    if not isinstance(value, list) or not value:
+        raise _fail(source, key, value, "expected a non-empty list")
+    items = tuple(item(source, f"{key}[{i}]", v) for i, v in enumerate(value))
+    if len(set(items)) != len(items):
+        raise _fail(source, key, value, "expected a list without repeated values")
+    return items
+
+
+def _targets(source: str, key: str, value: Any) -> Any:
+    try:
+        MALoRAConfig(method="lora", targets=value)
+    except MaloraError as exc:
+        raise MaloraError(f"{source}: {key}: {str(exc).removeprefix('targets: ')}") from None
+    return value
+
+
+def _suites(source: str, data: Any) -> tuple[SuiteSpec, ...]:
+    if not isinstance(data, dict) or not data:
+        raise _fail(source, "suites", data, f"expected a table of suites named {' or '.join(SUITES)}")
+    suites = []
+    for name, counts in data.items():
+        if name not in SUITES:
+            raise _fail(source, "suites", name, f"allowed suites: {', '.join(SUITES)}")
+        _check_keys(source, f"suites.{name}", counts, SUITE_KEYS)
+        values = {k: _int(source, f"suites.{name}.{k}", v, 0 if k == "validation" else 1) for k, v in counts.items()}
+        suites.append(SuiteSpec(name, **values))
+    return tuple(suites)
+
+
+def _method(source: str, label: str, data: Any, ranks: tuple[int, ...] | None, targets: Any) -> dict[str, Any]:
+    where = f"methods.{label}"
+    _check_keys(source, where, data, METHOD_KEYS)
+    _typed(source, where, data, METHOD_TYPES)
+    if "method" not in data:
+        raise MaloraError(f"{source}: {where}: missing key 'method'; allowed methods: {', '.join(METHODS)}")
+    if data["method"] not in METHODS:
+        raise _fail(source, f"{where}.method", data["method"], f"allowed: {', '.join(METHODS)}")
+    if ranks is not None and "rank" in data:
+        raise MaloraError(f"{source}: {where}.rank: the top-level 'ranks' axis sets every method's rank; drop one")
+    if "shared_rank" in data and "shared_rank_ratio" in data:
+        raise MaloraError(f"{source}: {where}: give shared_rank or shared_rank_ratio, not both")
+    if "shared_rank_ratio" in data:
+        if data["method"] != "malora":
+            raise MaloraError(f"{source}: {where}.shared_rank_ratio: only used by method 'malora'")
+        _number(source, f"{where}.shared_rank_ratio", data["shared_rank_ratio"])
+    if "targets" in data:
+        _targets(source, f"{where}.targets", data["targets"])
+    for rank in ranks or (data.get("rank"),):
+        method_config(source, label, data, rank=rank, seed=0, targets=targets)
+    return dict(data)
+
+
+def method_config(source: str, label: str, data: dict[str, Any], *, rank, seed: int, targets: Any) -> MALoRAConfig:
+    """The ``MALoRAConfig`` of method entry ``label`` at ``rank`` (``None``: the entry's or the default)."""
+    fields = {k: v for k, v in data.items() if k not in ("experts", "shared_rank_ratio", "targets")}
+    if "experts" in data:
+        fields["num_experts"] = data["experts"]
+    if rank is not None:
+        fields["rank"] = rank
+    if "shared_rank_ratio" in data:
+        rank = fields.get("rank") or DEFAULT_RANK["malora"]
+        fields["shared_rank"] = max(1, round(float(data["shared_rank_ratio"]) * rank))
+    if "num_experts" in fields:  # top_k's default 2 would exceed a single expert
+        fields.setdefault("top_k", min(2, fields["num_experts"]))
+    fields["targets"] = data.get("targets", targets)
+    fields["seed"] = seed
+    try:
+        return MALoRAConfig(**fields)
+    except MaloraError as exc:
+        message = str(exc).replace("num_experts", "experts")
+        raise MaloraError(f"{source}: methods.{label}: {message}") from None
+
+
+def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
+    """Validate a spec already read into Python values (see the module docstring)."""
+    _check_keys(source, "", data, TOP_KEYS + TABLES)
+    for key in ("models", "suites", "methods", "lrs", "steps"):
+        if key not in data:
+            raise MaloraError(f"{source}: missing key {key!r}; a spec needs models, suites, methods, lrs and steps")
+    models = _list(source, "models", data["models"], _str)
+    ranks = _list(source, "ranks", data["ranks"], lambda s, k, v: _int(s, k, v, 1)) if "ranks" in data else None
+    targets = _targets(source, "targets", data.get("targets", ALL_LINEAR))
+    methods_data = data["methods"]
+    if not isinstance(methods_data, dict) or not methods_data:
+        raise _fail(source, "methods", methods_data, "expected a table of named method entries ([methods.NAME])")
+    methods = {str(label): _method(source, str(label), m, ranks, targets) for label, m in methods_data.items()}
+    train = dict(_check_keys(source, "train", data.get("train", {}), TRAIN_KEYS))
+    _typed(source, "train", train, TRAIN_TYPES)
+    try:
+        TrainArgs(**train, steps=1, lr=1.0)
+    except MaloraError as exc:
+        message = str(exc)
+        raise MaloraError(f"{source}: train{'.' if message.split(':')[0] in TRAIN_KEYS else ': '}{message}") from None
+    eval_data = _check_keys(source, "eval", data.get("eval", {}), EVAL_KEYS)
+    eval_spec = EvalSpec(
+        batch_size=_int(source, "eval.batch_size", eval_data.get("batch_size", 16), 1),
+        max_length=_int(source, "eval.max_length", eval_data.get("max_length", train.get("max_length", 512)), 1),
+        max_new_tokens=None
+        if eval_data.get("max_new_tokens") is None
+        else _int(source, "eval.max_new_tokens", eval_data["max_new_tokens"], 1),
+    )
+    return SweepSpec(
+        name=_str(source, "name", data.get("name", Path(source).stem)),
+        models=models,
+        suites=_suites(source, data["suites"]),
+        methods=methods,
+        seeds=_list(source, "seeds", data.get("seeds", [0]), lambda s, k, v: _int(s, k, v, 0)),
+        lrs=_list(source, "lrs", data["lrs"], _number),
+        steps=_list(source, "steps", data["steps"], lambda s, k, v: _int(s, k, v, 1)),
+        ranks=ranks,
+        targets=targets,
+        data_seed=_int(source, "data_seed", data.get("data_seed", 0), 0),
+        train=train,
+        eval=eval_spec,
+        source=source,
+    )
+
+
+def _read_toml(path: Path) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise MaloraError(f"{path}: TOML specs need Python >= 3.11 or the tomli package; or use JSON") from None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise MaloraError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a ``.toml`` or ``.json`` sweep spec."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaloraError(f"{path}: no such spec file")
+    if path.suffix == ".toml":
+        data = _read_toml(path)
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MaloraError(f"{path}: not valid JSON: {exc}") from None
+    else:
+        raise MaloraError(f"{path}: unknown spec format {path.suffix!r}; allowed: .toml, .json")
+    return parse_spec(data, str(path))
+
+
+def cells(spec: SweepSpec) -> list[Cell]:
+    """The cartesian product, model-major (one model loaded at a time), then suite and seed, so that a
+    sweep stopped half-way has every method of the first seeds."""
+    out = []
+    ranks: tuple[int | None, ...] = spec.ranks or (None,)
+    for model, suite, seed, label, rank, steps, lr in itertools.product(
+        spec.models, spec.suites, spec.seeds, spec.methods, ranks, spec.steps, spec.lrs
+    ):
+        config = method_config(spec.source, label, spec.methods[label], rank=rank, seed=seed, targets=spec.targets)
+        args = TrainArgs(**spec.train, steps=steps, lr=lr, seed=seed)
+        out.append(Cell(model, suite, label, config, args, spec.eval, spec.data_seed))
+    return out

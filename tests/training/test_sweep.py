@@ -1,0 +1,266 @@
+"""``malora-fx sweep``: strict spec validation, cell enumeration, the validation split, a real 2-cell
+smoke on tiny-llama (results.jsonl fields, the markdown report, plots), resume (finished cells
+skipped, a killed cell rerun with the same numbers), the report's lr choice, and the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from malora_fx.cli import main
+from malora_fx.errors import MaloraError
+from malora_fx.training.suites import make_suite
+from malora_fx.training.sweep import (
+    RESULTS,
+    append_result,
+    cells,
+    load_spec,
+    parse_spec,
+    read_results,
+    run_sweep,
+    suite_files,
+)
+from malora_fx.training.sweep_report import write_report
+from malora_fx.training.sweep_spec import SuiteSpec
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sweep"
+
+
+def _spec(**changes) -> dict:
+    spec = {
+        "models": ["tiny-llama"],
+        "suites": {"inter": {"train": 4, "eval": 2}},
+        "methods": {"lora": {"method": "lora", "rank": 4}, "mal": {"method": "malora", "rank": 2, "shared_rank": 8}},
+        "lrs": [1e-3],
+        "steps": [4],
+    }
+    spec.update(changes)
+    return spec
+
+
+def _method(**fields) -> dict:
+    return _spec(methods={"m": fields})
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (_spec(model=["tiny-llama"]), "unknown key 'model'; allowed: name, models,"),
+        ({k: v for k, v in _spec().items() if k != "lrs"}, "missing key 'lrs'"),
+        (_spec(models=[]), "models: [] is not allowed; expected a non-empty list"),
+        (_spec(lrs=[1e-3, -1]), "lrs[1]: -1 is not allowed; expected a number > 0"),
+        (_spec(seeds=[0, 0]), "seeds: [0, 0] is not allowed; expected a list without repeated values"),
+        (_spec(seeds=["0"]), "seeds[0]: '0' is not allowed; expected an integer >= 0"),
+        (_spec(steps=[0]), "steps[0]: 0 is not allowed; expected an integer >= 1"),
+        (_spec(suites={"mixed": {}}), "suites: 'mixed' is not allowed; allowed suites: inter, intra"),
+        (_spec(suites={"inter": {"train": 0}}), "suites.inter.train: 0 is not allowed; expected an integer >= 1"),
+        (_spec(suites={"inter": {"test": 3}}), "unknown key 'suites.inter.test'; allowed: train, eval, validation"),
+        (_method(method="dora"), "methods.m.method: 'dora' is not allowed; allowed: malora, molora, hydralora, lora"),
+        (_method(rank=8), "methods.m: missing key 'method'"),
+        (_method(method="lora", r=8), "unknown key 'methods.m.r'; allowed: method, experts, top_k, rank,"),
+        (_method(method="molora", rank=0), "methods.m: rank: 0 is not allowed; expected an integer >= 1"),
+        (_method(method="molora", experts=2, top_k=3), "methods.m: top_k: 3 is larger than experts=2"),
+        (_method(method="lora", shared_rank=8), "methods.m: shared_rank: 8 given for method 'lora'"),
+        (_method(method="molora", shared_rank_ratio=2.0), "methods.m.shared_rank_ratio: only used by method 'malora'"),
+        (_method(method="molora", alpha="big"), "methods.m.alpha: 'big' is not allowed; expected a number"),
+        (_method(method="molora", normalize_top_k=1), "methods.m.normalize_top_k: 1 is not allowed; expected true"),
+        (_spec(ranks=[4, 8]), "methods.lora.rank: the top-level 'ranks' axis sets every method's rank; drop one"),
+        (_spec(targets=""), "targets: '' has an empty name"),
+        (_spec(train={"batch_size": 0}), "train.batch_size: 0 must be >= 1"),
+        (_spec(train={"lr": 1e-3}), "unknown key 'train.lr'; allowed: batch_size,"),
+        (_spec(train={"device": "tpu"}), "train.device: 'tpu'; allowed: cpu, cuda, cuda:N"),
+        (_spec(eval={"max_new_tokens": 0}), "eval.max_new_tokens: 0 is not allowed; expected an integer >= 1"),
+        ([1, 2], "spec.toml: expected a table of sweep settings, got list"),
+    ],
+)
+def test_spec_errors_name_the_key_the_value_and_what_is_allowed(spec, expected):
+    with pytest.raises(MaloraError) as info:
+        parse_spec(spec, "spec.toml")
+    message = str(info.value)
+    assert expected in message and message.startswith("spec.toml: ") and "\n" not in message
+
+
+def test_spec_files_toml_json_and_bad_ones(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(_spec()))
+    assert len(cells(load_spec(tmp_path / "s.json"))) == 2
+    (tmp_path / "bad.toml").write_text("models = [tiny-llama]\n")
+    (tmp_path / "s.yaml").write_text("models: []\n")
+    (tmp_path / "bad.json").write_text("{")
+    for name, expected in [
+        ("bad.toml", "not valid TOML"),
+        ("s.yaml", "unknown spec format '.yaml'; allowed: .toml, .json"),
+        ("bad.json", "not valid JSON"),
+        ("missing.toml", "no such spec file"),
+    ]:
+        with pytest.raises(MaloraError, match=expected):
+            load_spec(tmp_path / name)
+
+
+def test_cell_counts_and_settings_of_the_example_specs():
+    paper = cells(load_spec(EXAMPLES / "paper_small.toml"))
+    assert len(paper) == 2 * 3 * 6 * 3  # suites x seeds x methods x lrs
+    assert len({c.id for c in paper}) == len(paper)
+    by_name = {c.method_name: c.config for c in paper}
+    assert (by_name["LoRA"].method, by_name["LoRA"].rank) == ("lora", 64)
+    assert (by_name["MoLoRA-8x12"].num_experts, by_name["MoLoRA-8x12"].rank) == (8, 12)
+    assert (by_name["MALoRA-Small"].rank, by_name["MALoRA-Small"].shared_rank) == (8, 22)
+    assert by_name["HydraLoRA-8x8"].targets == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    assert {(c.seed, c.config.seed, c.train.seed) for c in paper} == {(s, s, s) for s in (0, 1, 2)}
+    ranks = cells(load_spec(EXAMPLES / "rank_sweep.toml"))
+    assert len(ranks) == 2 * 4 * 2
+    malora = sorted({(c.config.rank, c.config.shared_rank) for c in ranks if c.config.method == "malora"})
+    assert malora == [(4, 11), (8, 21), (16, 43), (32, 85)]
+    assert len(cells(load_spec(EXAMPLES / "smoke.toml"))) == 2
+
+
+def test_cell_ids_are_stable_and_cover_every_setting():
+    first = [c.id for c in cells(parse_spec(_spec()))]
+    reordered = dict(reversed(list(_spec().items())))
+    assert [c.id for c in cells(parse_spec(reordered))] == first
+    assert first[0].startswith("tiny-llama-inter-lora-r4-st4-lr0.001-seed0-")
+    changed = [c.id for c in cells(parse_spec(_spec(train={"batch_size": 2})))]
+    assert not set(changed) & set(first)
+
+
+def test_validation_split_is_disjoint_and_eval_is_data_makes(tmp_path):
+    suite = SuiteSpec("intra", train=6, eval=3, validation=2)
+    paths = suite_files(tmp_path, suite, data_seed=5)
+    splits = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 30, "validation": 10, "eval": 15}
+    prompts = [{e["prompt"] for e in v} for v in splits.values()]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert splits["eval"] == make_suite("intra", train=1, eval=3, seed=5)[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The 2-cell example sweep on tiny-llama, run once for the module (about 20 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    messages: list[str] = []
+    began = time.perf_counter()
+    rows = run_sweep(EXAMPLES / "smoke.toml", out, say=messages.append)
+    return {"out": out, "rows": rows, "messages": messages, "seconds": time.perf_counter() - began}
+
+
+def test_smoke_results_lines(smoke):
+    rows = read_results(smoke["out"] / RESULTS)
+    assert rows == smoke["rows"] and [r["method_name"] for r in rows] == ["lora", "malora"]
+    tasks = {"arithmetic", "reverse", "sort", "weekday", "currency", "sentiment"}
+    for r in rows:
+        assert r["format"] == "malora-fx-sweep/1" and r["model"] == "tiny-llama" and r["suite"] == "inter"
+        assert (r["seed"], r["lr"], r["steps"]) == (0, 1e-3, 4)
+        assert set(r["eval"]["tasks"]) == tasks and set(r["validation"]["tasks"]) == tasks
+        assert 0 <= r["eval"]["exact_match"] <= 1 and r["eval"]["loss"] > 0 and r["eval"]["n"] == 12
+        assert r["base"]["eval"]["tasks"].keys() == tasks
+        assert r["trainable_parameters"] > 0 and r["base_parameters"] == 107_072
+        assert r["trainable_percent"] == pytest.approx(100 * r["trainable_parameters"] / 107_072)
+        assert r["train_tokens_per_s"] > 0 and r["wall_seconds"] > 0
+        assert set(r["versions"]) == {"python", "torch", "transformers", "malora_fx"}
+        assert r["settings"]["config"]["seed"] == 0 and r["settings"]["train"]["seed"] == 0
+        cell = smoke["out"] / "cells" / r["id"]
+        assert json.loads((cell / "result.json").read_text()) == r
+        assert json.loads((cell / "adapter_config.json").read_text())["base_model"] == "tiny-llama"
+    assert rows[0]["trainable_parameters"] == 2 * 2 * 4 * (64 + 64) - 2 * 4 * 32  # q (64->64), v (64->32), 2 layers
+    assert any("cell 2/2 done" in m and "0 left, ETA" in m for m in smoke["messages"]), smoke["messages"]
+    print(f"smoke sweep: {smoke['seconds']:.1f} s")
+
+
+def test_smoke_report(smoke):
+    out = smoke["out"]
+    text = (out / "results.md").read_text()
+    assert "## Learning rate chosen on the validation split" in text
+    assert "| tiny-llama | inter | base (no adapters) |" in text
+    assert "| tiny-llama | inter | lora | 4 | 4 | 0.001 | 1 |" in text
+    assert f"{smoke['rows'][1]['trainable_parameters']:,} | {smoke['rows'][1]['trainable_percent']:.2f} |" in text
+    assert "![methods](methods.png)" in text and "rank_sweep" not in text
+    assert (out / "methods.png").stat().st_size > 0 and (out / "params_vs_accuracy.png").stat().st_size > 0
+
+
+def test_resume_skips_finished_cells_and_reruns_a_killed_one(smoke):
+    out, rows = smoke["out"], smoke["rows"]
+    messages: list[str] = []
+    assert run_sweep(EXAMPLES / "smoke.toml", out, report=False, say=messages.append) == rows
+    assert messages == ["2 cells, 2 already done, 0 to run"]
+    # kill the second cell: its line half-written, its folder left as a partial .tmp
+    killed = rows[1]["id"]
+    lines = (out / RESULTS).read_text().splitlines(keepends=True)
+    (out / RESULTS).write_text(lines[0] + lines[1][:40])
+    shutil.move(out / "cells" / killed, out / "cells" / f"{killed}.tmp")
+    (out / "cells" / f"{killed}.tmp" / "adapter_model.safetensors").write_bytes(b"partial")
+    assert [r["id"] for r in read_results(out / RESULTS)] == [rows[0]["id"]]
+    messages.clear()
+    again = run_sweep(EXAMPLES / "smoke.toml", out, report=False, say=messages.append)
+    assert f"removing the unfinished cell {killed}.tmp" in messages
+    assert "2 cells, 1 already done, 1 to run" in messages
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+    assert len((out / RESULTS).read_text().splitlines()) == 2
+    assert not list((out / "cells").glob("*.tmp"))
+    for key in ("eval", "validation", "base", "final_train_loss", "trainable_parameters"):
+        assert again[1][key] == rows[1][key], key  # the rerun reproduces the numbers
+
+
+def test_report_chooses_lr_on_validation_not_eval(tmp_path):
+    def row(lr, seed, val, ev):
+        scores = {"exact_match": ev, "loss": 1.0, "n": 2, "tasks": {"t": {"exact_match": ev, "loss": 1.0, "n": 2}}}
+        return {
+            "id": f"{lr}-{seed}",
+            "model": "m",
+            "suite": "inter",
+            "method_name": "MALoRA",
+            "method": "malora",
+            "rank": 12,
+            "steps": 10,
+            "lr": lr,
+            "seed": seed,
+            "eval": scores,
+            "validation": {**scores, "exact_match": val},
+            "base": {"eval": {**scores, "exact_match": 0.0}},
+            "trainable_parameters": 1000,
+            "trainable_percent": 1.5,
+            "train_tokens_per_s": 10.0,
+            "versions": {"torch": "x"},
+        }
+
+    for r in [row(1e-3, 0, 0.5, 0.2), row(1e-3, 1, 0.7, 0.4), row(1e-2, 0, 0.1, 0.9), row(1e-2, 1, 0.1, 0.9)]:
+        append_result(tmp_path / RESULTS, r)
+    write_report(tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    chosen = text.split("## Learning rate chosen")[1].split("## Per task")[0]
+    assert "| m | inter | MALoRA | 12 | 10 | 0.001 | 2 | 30.0 ± 14.1 | 1.000 ± 0.000 | 60.0 ± 14.1 |" in chosen
+    assert "0.01" not in chosen and "| 0.01 | 2 | 90.0 ± 0.0 |" in text.split("## All cells")[1]
+
+
+def test_read_results_refuses_a_damaged_middle_line(tmp_path):
+    (tmp_path / RESULTS).write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(MaloraError, match=r"results.jsonl:2: not a JSON line"):
+        read_results(tmp_path / RESULTS)
+
+
+def test_cli_bad_spec_is_one_line_and_exit_2(tmp_path, capsys):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(
+        'models = ["tiny-llama"]\nlrs = [1e-3]\nsteps = [4]\nsuites.inter = {}\n[methods.x]\nmethod = "qlora"\n'
+    )
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"malora-fx: error: {spec}: methods.x.method: 'qlora' is not allowed; allowed: malora,")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_text("")
+    assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(tmp_path / "other")]) == 2
+    assert "--out: " in capsys.readouterr().err
+    assert main(["sweep-report", str(tmp_path)]) == 2
+    assert "no finished cells" in capsys.readouterr().err
+
+
+def test_cli_dry_run_lists_cells(tmp_path, capsys):
+    assert main(["sweep", str(EXAMPLES / "rank_sweep.toml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "16 cells, 0 done, 16 to run" and out[0].startswith("todo  smollm2-135m-inter-MoLoRA-r4-")
+    assert not (tmp_path / "out").exists()
