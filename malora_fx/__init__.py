@@ -16,6 +16,7 @@ Public API (a contract; see README.md for examples), by pipeline stage:
     deploy     merge(gm) / lower(gm) / export_onnx(gm, out_dir, example_kwargs)
                export_run(run_dir, out_dir) / export_decoder_graph(gm, example, config, out_dir)
                export_adapter(run_dir, file) / ExportManifest.read(export_dir) / OrtGenerator(export_dir)
+               GenaiGenerator(export_dir) (onnxruntime-genai) / open_generator(export_dir, backend="auto")
 
 The stages live in ``malora_fx.graph``, ``malora_fx.adapters``,
 ``malora_fx.training`` and ``malora_fx.deploy``; the graph passes in
@@ -36,6 +37,8 @@ from .adapters.transform import (
     transform,
 )
 from .deploy.adapter_file import export_adapter
+from .deploy.backends import open_generator
+from .deploy.genai_runner import GenaiGenerator
 from .deploy.manifest import ExportManifest
 from .deploy.merge_lower import lower, merge
 from .deploy.onnx_export import export_decoder_graph, export_onnx, export_run
@@ -54,6 +57,7 @@ __all__ = [
     "AdapterFileError",
     "ConfigError",
     "ExportManifest",
+    "GenaiGenerator",
     "MALoRAConfig",
     "MaloraError",
     "ModelSourceError",
@@ -78,6 +82,7 @@ __all__ = [
     "load_run",
     "lower",
     "merge",
+    "open_generator",
     "plan",
     "read_adapter_config",
     "save_adapters",
