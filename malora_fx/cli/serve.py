@@ -144,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from ..deploy.backends import describe, open_generator
+    from ..deploy.backends import choose_backend, describe, open_generator
     from ..deploy.bench import GenaiTimer, benchmark, format_table, ort_runner, time_once
     from ..deploy.genai_runner import GenaiGenerator
     from ..deploy.runner import read_export
@@ -161,6 +161,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("batch", "seq", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise MaloraError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if args.batch != 1 and choose_backend(args.backend, args.export_dir) == "genai":
+        raise MaloraError(f"--batch: {args.batch}; onnxruntime-genai is timed at batch 1 only (or use --backend ort)")
     keep = Path(args.keep) if args.keep else None
     if keep is not None and keep.exists() and (not keep.is_dir() or _foreign_entries(keep)):
         raise MaloraError(

@@ -485,6 +485,11 @@ CLI_CASES = [
         ["--repeats: 0 must be >= 1"],
     ),
     (
+        "bench-genai-batch-2",
+        lambda w, t: ["bench", str(w["exp"]), "--run", str(w["run"]), "--backend", "genai", "--batch", "2"],
+        ["--batch: 2; onnxruntime-genai is timed at batch 1 only"],
+    ),
+    (
         "bench-not-an-export",
         lambda w, t: ["bench", str(t / "nope"), "--run", str(w["run"])],
         ["no model.onnx / export.json"],
