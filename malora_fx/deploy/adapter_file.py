@@ -97,3 +97,14 @@ def check_adapter_file(manifest: ExportManifest, path: str | os.PathLike, export
     if set(params) != set(expected):
         missing = sorted(set(expected) - set(params))[0]
         raise MaloraError(f"adapter: {path} was made for another export: it lacks {missing}")
+
+
+def adapter_file_key(adapter: str | os.PathLike) -> tuple[str, int, int]:
+    """``(resolved path, mtime ns, size)`` of an adapter file: runners load each version once under this key.
+
+    A one-line MaloraError when the file does not exist."""
+    path = Path(adapter)
+    if not path.is_file():
+        raise MaloraError(f"adapter: {adapter} does not exist")
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size

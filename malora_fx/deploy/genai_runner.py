@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MaloraError, first_line
-from .adapter_file import check_adapter_file
+from .adapter_file import adapter_file_key, check_adapter_file
 from .genai_folder import check_genai_folder
 from .runner import PROVIDERS
 
@@ -98,10 +98,7 @@ class GenaiGenerator:
 
     def _adapter_name(self, path: Path) -> str:
         """The og name of the adapter file ``path``: checked and loaded once per file version."""
-        if not path.is_file():
-            raise MaloraError(f"adapter: {path} does not exist")
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key = adapter_file_key(path)
         with self._lock:
             name = self._adapter_names.get(key)
             if name is None:

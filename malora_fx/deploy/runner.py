@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MaloraError, first_line
-from .adapter_file import check_adapter_file
+from .adapter_file import adapter_file_key, check_adapter_file
 from .kv_steps import BoundCache, NumpyCache
 from .manifest import EXPORT_JSON, ExportManifest
 
@@ -108,8 +108,6 @@ class OrtGenerator:
         if adapter is None:
             return None
         path = Path(adapter)
-        if not path.is_file():
-            raise MaloraError(f"adapter: {adapter} does not exist")
         options = ort.RunOptions()
         try:
             lora = self._adapter(path)
@@ -126,11 +124,8 @@ class OrtGenerator:
 
         if adapter is None:
             return {}
+        key = adapter_file_key(adapter)
         path = Path(adapter)
-        if not path.is_file():
-            raise MaloraError(f"adapter: {adapter} does not exist")
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         with self._adapters_lock:
             values = self._bound_adapters.get(key)
             if values is None:
@@ -153,8 +148,7 @@ class OrtGenerator:
         """The ``LoraAdapter`` of ``path``: checked and loaded once per file version, shared by all threads."""
         import onnxruntime as ort
 
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key = adapter_file_key(path)
         with self._adapters_lock:
             lora = self._loaded_adapters.get(key)
             if lora is None:
