@@ -114,14 +114,16 @@ def test_minilm_encoder_equals_base_at_init():
 
 def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
     from malora_fx.adapters.run_dir import load_run
+    from malora_fx.deploy.genai_runner import GenaiGenerator
     from malora_fx.deploy.onnx_export import export_run
     from malora_fx.deploy.runner import OrtGenerator
-    from malora_fx.training.evaluate import greedy_generate
+    from malora_fx.training.evaluate import greedy_generate, stop_token_ids
 
     gm = mf.transform(smollm2.model, mf.MALoRAConfig(targets="q_proj,v_proj,up_proj"))
     randomize_adapters(gm, std=0.003, seed=2)
     mf.save_adapters(gm, tmp_path / "run", base_model="smollm2-135m")
-    gen = OrtGenerator(export_run(tmp_path / "run", tmp_path / "export"), "cpu")
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    gen = OrtGenerator(out, "cpu")
     tok = gen.tokenizer
     text = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
@@ -137,6 +139,9 @@ def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
         pad_id=tok.pad_token_id or 0,
     )[0]
     assert ort_tokens == pt_tokens
+    stops = stop_token_ids(tok)  # og stops at genai_config's eos ids: compare up to the first one
+    until_stop = next((i for i, t in enumerate(ort_tokens) if t in stops), len(ort_tokens))
+    assert list(GenaiGenerator(out).generate(prompt, max_new_tokens=32, stop_ids=stops)) == ort_tokens[:until_stop]
     ids = np.asarray([prompt], dtype=np.int64)
     logits, _ = gen.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], gen.empty_past(1))
     with torch.no_grad():

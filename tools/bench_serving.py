@@ -1,0 +1,339 @@
+"""Serving benchmark: malora-fx exports against the onnxruntime-genai builder's graph of the same model.
+
+In one process, alternated (A, B, C, ... A, B, C ... so machine drift hits all alike), for each graph:
+
+* raw ``onnxruntime.InferenceSession`` (``--threads`` intra-op threads): a prefill of 1 x ``--seq`` tokens
+  (empty cache) and one decode step after ``--seq`` tokens (mean of ``--decode-steps`` calls);
+* onnxruntime-genai end to end: ``append_tokens`` of a ``--seq``-token prompt, then ``--og-tokens``
+  tokens with ``generate_next_token`` -> tokens/s.
+
+Graphs (all built here, from the packaged SmolLM2-135M, into ``--work``; an existing one is reused):
+
+* ``builder``       ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32 -e cpu``
+* ``builder+lora``  the same with a PEFT LoRA r64 on q,k,v,gate,up,down (``--extra_options adapter_path=``)
+* ``ours base``     ``malora-fx export --base-only``
+* ``ours malora``   ``malora-fx export`` of MALoRA (8 experts, top-2, defaults) on the same six targets
+* ``ours lora``     ``malora-fx export`` of the same PEFT LoRA r64 (``malora-fx import-peft``)
+
+Adapter weights are random and non-zero (latency does not depend on their values). Prints medians, ratios
+to ``builder``, each export's build time, and names the machine; ``--json`` / ``--markdown`` write them.
+
+    python tools/bench_serving.py --work runs/bench-serving --markdown runs/bench-serving/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIX = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL = "smollm2-135m"
+
+
+def log(message: str) -> None:
+    print(f"bench_serving: {message}", file=sys.stderr, flush=True)
+
+
+def timed_build(name: str, path: Path, build) -> float | None:
+    """Build ``path`` with ``build()`` unless it exists; the seconds it took (None when reused)."""
+    if path.exists():
+        log(f"{name}: reusing {path}")
+        return None
+    log(f"{name}: building {path} ...")
+    start = time.perf_counter()
+    build()
+    seconds = time.perf_counter() - start
+    log(f"{name}: built in {seconds:.0f} s")
+    return seconds
+
+
+def write_hf_dir(out: Path) -> None:
+    """A transformers directory of the packaged model (safetensors + config with architectures + tokenizer)."""
+    from safetensors.torch import save_file
+
+    import malora_fx as mf
+
+    loaded = mf.load_model(MODEL)
+    model = loaded.model
+    tied = bool(model.config.tie_word_embeddings)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("dtype", None)
+    config.update(architectures=[type(model).__name__], torch_dtype="float32")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    tmp.rename(out)
+
+
+def write_peft_lora(hf_dir: Path, out: Path, rank: int = 64) -> None:
+    """A PEFT LoRA (rank ``rank``, alpha 2 x rank) on the six targets, with random non-zero B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=SIX, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.002)
+    peft_model.save_pretrained(str(out))
+
+
+def run_builder(hf_dir: Path, out: Path, adapter: Path | None = None) -> None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out)]
+    cmd += ["-p", "fp32", "-e", "cpu"]
+    if adapter is not None:
+        cmd += ["--extra_options", f"adapter_path={adapter}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"builder failed:\n{done.stderr[-2000:]}")
+
+
+def write_malora_run(out: Path) -> None:
+    import torch
+
+    import malora_fx as mf
+
+    loaded = mf.load_model(MODEL)
+    gm = mf.transform(loaded.model, mf.MALoRAConfig(targets=",".join(SIX)))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in mf.trainable_parameters(gm):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+    mf.save_adapters(gm, out, base_model=MODEL)
+
+
+def build_all(work: Path) -> tuple[dict[str, Path], dict[str, float | None]]:
+    from malora_fx.deploy.onnx_export import export_run
+    from malora_fx.deploy.peft_import import convert_peft
+
+    hf, peft = work / "hf", work / "peft-lora-r64"
+    malora_run, lora_run = work / "run-malora", work / "run-lora"
+    graphs = {
+        "builder": work / "builder",
+        "builder+lora": work / "builder-lora",
+        "ours base": work / "ours-base",
+        "ours malora": work / "ours-malora",
+        "ours lora": work / "ours-lora",
+    }
+    timed_build("HF directory", hf, lambda: write_hf_dir(hf))
+    timed_build("PEFT LoRA r64", peft, lambda: write_peft_lora(hf, peft))
+    timed_build("MALoRA run", malora_run, lambda: write_malora_run(malora_run))
+    timed_build("LoRA run", lora_run, lambda: convert_peft(peft, lora_run, MODEL))
+    seconds = {
+        "builder": timed_build("builder", graphs["builder"], lambda: run_builder(hf, graphs["builder"])),
+        "builder+lora": timed_build(
+            "builder+lora", graphs["builder+lora"], lambda: run_builder(hf, graphs["builder+lora"], peft)
+        ),
+        "ours base": timed_build(
+            "ours base", graphs["ours base"], lambda: export_run(malora_run, graphs["ours base"], base_only=True)
+        ),
+        "ours malora": timed_build(
+            "ours malora", graphs["ours malora"], lambda: export_run(malora_run, graphs["ours malora"])
+        ),
+        "ours lora": timed_build("ours lora", graphs["ours lora"], lambda: export_run(lora_run, graphs["ours lora"])),
+    }
+    return graphs, seconds
+
+
+def remember_build_seconds(path: Path, seconds: dict[str, float | None]) -> dict[str, float | None]:
+    """Merge this run's build times into ``path`` (a reused graph keeps the time it took when it was built)."""
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update({name: value for name, value in seconds.items() if value is not None})
+    path.write_text(json.dumps(known, indent=2) + "\n")
+    return {name: known.get(name) for name in seconds}
+
+
+class RawSession:
+    """Raw InferenceSession timing: prefill 1 x seq, one decode step after seq (feeds made from input names)."""
+
+    def __init__(self, folder: Path, threads: int, seq: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.seq = seq
+        rng = np.random.default_rng(0)
+        self.prefill_feeds = self._feeds(rng, new=seq, past=0)
+        self.decode_feeds = self._feeds(rng, new=1, past=seq)
+
+    def _feeds(self, rng, new: int, past: int) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for name, arg in self.inputs.items():
+            if name == "input_ids":
+                feeds[name] = rng.integers(0, 1000, size=(1, new), dtype=np.int64)
+            elif name == "attention_mask":
+                feeds[name] = np.ones((1, past + new), np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.arange(past, past + new, dtype=np.int64)[None]
+            elif name.startswith("past_key_values."):
+                heads, head_dim = arg.shape[1], arg.shape[3]
+                dtype = np.float16 if "float16" in arg.type else np.float32
+                feeds[name] = rng.standard_normal((1, heads, past, head_dim)).astype(dtype)
+            else:
+                raise SystemExit(f"{name}: an input this benchmark does not know how to feed")
+        return feeds
+
+    def prefill(self) -> float:
+        start = time.perf_counter()
+        self.session.run(None, self.prefill_feeds)
+        return time.perf_counter() - start
+
+    def decode(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.session.run(None, self.decode_feeds)
+        return (time.perf_counter() - start) / steps
+
+
+class GenaiEndToEnd:
+    """onnxruntime-genai: prefill (append_tokens) and tokens/s of generate_next_token."""
+
+    def __init__(self, folder: Path, threads: int, seq: int, tokens: int) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.clear_providers()
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.prompt = np.random.default_rng(1).integers(0, 1000, size=(seq,)).tolist()
+        self.tokens = tokens
+
+    def run(self) -> tuple[float, float]:
+        params = self.og.GeneratorParams(self.model)
+        total = len(self.prompt) + self.tokens + 1
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, top_k=1)
+        generator = self.og.Generator(self.model, params)
+        start = time.perf_counter()
+        generator.append_tokens(self.prompt)
+        prefill = time.perf_counter() - start
+        generator.generate_next_token()  # sampled from the prefill's logits: no model run
+        start = time.perf_counter()
+        for _ in range(self.tokens):
+            generator.generate_next_token()
+        return prefill, self.tokens / (time.perf_counter() - start)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs"
+
+
+def measure(graphs: dict[str, Path], args) -> dict[str, dict[str, list[float]]]:
+    raw = {name: RawSession(path, args.threads, args.seq) for name, path in graphs.items()}
+    genai = {name: GenaiEndToEnd(path, args.threads, args.seq, args.og_tokens) for name, path in graphs.items()}
+    samples: dict[str, dict[str, list[float]]] = {
+        n: {"prefill_s": [], "decode_s": [], "og_prefill_s": [], "og_tokens_per_s": []} for n in graphs
+    }
+    for round_ in range(args.warmup + args.rounds):
+        for name in graphs:
+            time.sleep(args.pause)
+            prefill = raw[name].prefill()
+            time.sleep(args.pause)
+            decode = raw[name].decode(args.decode_steps)
+            time.sleep(args.pause)
+            og_prefill, og_rate = genai[name].run() if round_ % args.og_every == 0 else (None, None)
+            if round_ < args.warmup:
+                continue
+            samples[name]["prefill_s"].append(prefill)
+            samples[name]["decode_s"].append(decode)
+            if og_rate is not None:
+                samples[name]["og_prefill_s"].append(og_prefill)
+                samples[name]["og_tokens_per_s"].append(og_rate)
+        log(f"round {round_ + 1}/{args.warmup + args.rounds} done")
+    return samples
+
+
+def summarize(samples, seconds, args) -> tuple[str, dict]:
+    med = {n: {k: statistics.median(v) if v else float("nan") for k, v in s.items()} for n, s in samples.items()}
+    ref = med["builder"]
+    lines = [
+        f"machine: {machine()}; onnxruntime {_version('onnxruntime')}, onnxruntime-genai "
+        f"{_version('onnxruntime_genai')}; {args.threads} intra-op threads; medians of {args.rounds} alternated "
+        f"rounds; prefill 1x{args.seq}, decode = one step after {args.seq}, og = {args.og_tokens} tokens "
+        f"after a {args.seq}-token prompt",
+        "",
+        "| graph | prefill ms | vs builder | decode ms | vs builder | og tokens/s | vs builder | build s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in med.items():
+        build = seconds.get(name)
+        lines.append(
+            f"| {name} | {m['prefill_s'] * 1e3:.1f} | {m['prefill_s'] / ref['prefill_s']:.2f} | "
+            f"{m['decode_s'] * 1e3:.2f} | {m['decode_s'] / ref['decode_s']:.2f} | {m['og_tokens_per_s']:.1f} | "
+            f"{m['og_tokens_per_s'] / ref['og_tokens_per_s']:.2f} | {'' if build is None else f'{build:.0f}'} |"
+        )
+    result = {"machine": machine(), "args": vars(args), "medians": med, "build_seconds": seconds, "samples": samples}
+    return "\n".join(lines), result
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/bench-serving", help="folder for the graphs (reused when there)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decode-steps", type=int, default=5, help="decode calls averaged per round")
+    parser.add_argument("--og-tokens", type=int, default=32)
+    parser.add_argument("--og-every", type=int, default=1, help="og end-to-end every Nth round (it is the slow part)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds between timings (ORT threads spin)")
+    parser.add_argument("--only", help="comma-separated graph names to time (default: all five)")
+    parser.add_argument("--build-only", action="store_true", help="build the graphs, time nothing")
+    parser.add_argument("--json", help="write medians, samples and build times here")
+    parser.add_argument("--markdown", help="write the table here")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    graphs, seconds = build_all(work)
+    seconds = remember_build_seconds(work / "build_seconds.json", seconds)
+    if args.build_only:
+        return 0
+    if args.only:
+        keep = [n.strip() for n in args.only.split(",")]
+        graphs = {n: p for n, p in graphs.items() if n in keep or n == "builder"}
+    samples = measure(graphs, args)
+    table, result = summarize(samples, seconds, args)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
