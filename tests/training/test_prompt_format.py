@@ -120,7 +120,7 @@ class _FakeGenerator:
     seen: list[list[int]] = []
 
     def __init__(self, tok):
-        self.tokenizer, self.provider = tok, "CPUExecutionProvider"
+        self.tokenizer, self.provider, self.io_binding = tok, "CPUExecutionProvider", False
 
     def generate(self, prompt_ids, **kwargs):
         _FakeGenerator.seen.append(list(prompt_ids))
@@ -148,7 +148,7 @@ def test_train_eval_run_quickstart_and_routing_feed_the_same_ids(name, monkeypat
     assert evaluated == [expected]
 
     _FakeGenerator.seen = []
-    monkeypatch.setattr(runner, "OrtGenerator", lambda export_dir, provider: _FakeGenerator(tok))
+    monkeypatch.setattr(runner, "OrtGenerator", lambda export_dir, provider, io_binding=None: _FakeGenerator(tok))
     assert main(["run", "unused-export", "--prompt", prompt, "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out == "ok\n"
     assert quickstart._generate(_FakeGenerator(tok), prompt) == "ok"  # type: ignore[arg-type]
