@@ -55,6 +55,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: longest reference response + 2")
     p.add_argument("--limit", type=int, help="at most this many examples per task")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true", help="greedy-decode without a KV cache (slower; the same tokens)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_eval)
 
@@ -113,20 +114,16 @@ def _limit(examples, limit):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..adapters.run_dir import load_run
     from ..training.data import read_jsonl
-    from ..training.evaluate import evaluate
+    from ..training.evaluate import cached_decoder, evaluate, load_run_for_eval
 
     _check_counts(args, ("batch_size", "max_length", "max_new_tokens", "limit"))
     examples = _limit(read_jsonl(args.data), args.limit)
-    gm, loaded = load_run(args.run_dir)
-    gm.to(args.device)
+    logits_fn, decoder, loaded = load_run_for_eval(args.run_dir, use_cache=not args.no_cache, device=args.device)
     options = dict(
         max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device
     )
-    adapted = _eval_progress(
-        "adapted", len(examples), args.batch_size, lambda i, m: gm(input_ids=i, attention_mask=m).logits
-    )
+    adapted = _eval_progress("adapted", len(examples), args.batch_size, logits_fn, decoder)
     results = {"adapted": adapted.run(evaluate, loaded.tokenizer, examples, **options)}
     if args.base:
         base = loaded.model.to(args.device)
@@ -135,6 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             len(examples),
             args.batch_size,
             lambda i, m: base(input_ids=i, attention_mask=m, use_cache=False).logits,
+            None if args.no_cache else cached_decoder(base),
         )
         results["base"] = progress.run(evaluate, loaded.tokenizer, examples, **options)
     if args.json:
@@ -149,12 +147,23 @@ class _eval_progress:  # noqa: N801 - used like a function
     model calls made so far (prefill and decode steps of every batch), and a final line; stdout
     keeps the results only."""
 
-    def __init__(self, name: str, examples: int, batch_size: int, logits_fn, every_s: float = 5.0) -> None:
+    def __init__(
+        self, name: str, examples: int, batch_size: int, logits_fn, decoder=None, every_s: float = 5.0
+    ) -> None:
         self.name, self.examples, self.batch_size, self.logits_fn = name, examples, batch_size, logits_fn
+        self.decoder = decoder  # a CachedDecoder (greedy decoding with a KV cache), or None
         self.calls, self.every_s = 0, every_s
         self.began = self.last = 0.0
 
     def __call__(self, ids, mask):
+        self._tick()
+        return self.logits_fn(ids, mask)
+
+    def step(self, ids, mask, positions, past):
+        self._tick()
+        return self.decoder(ids, mask, positions, past)
+
+    def _tick(self) -> None:
         import time
 
         self.calls += 1
@@ -166,7 +175,6 @@ class _eval_progress:  # noqa: N801 - used like a function
                 file=sys.stderr,
                 flush=True,
             )
-        return self.logits_fn(ids, mask)
 
     def run(self, evaluate, tokenizer, examples, **options):
         import time
@@ -178,7 +186,8 @@ class _eval_progress:  # noqa: N801 - used like a function
             flush=True,
         )
         self.began = self.last = time.perf_counter()
-        result = evaluate(self, tokenizer, examples, **options)
+        decoder = self.step if self.decoder is not None else None
+        result = evaluate(self, tokenizer, examples, decoder=decoder, **options)
         print(
             f"malora-fx: eval {self.name}: done ({self.calls} model calls, {time.perf_counter() - self.began:.0f} s)",
             file=sys.stderr,
