@@ -173,7 +173,8 @@ class _Runner:
             self.loaded, self.model_name = loaded, name
         return self.loaded
 
-    def _evaluate(self, logits_fn, cell: Cell, paths: dict[str, Path]) -> dict[str, Any]:
+    def _evaluate(self, logits_fn, cell: Cell, paths: dict[str, Path], decoder=None) -> dict[str, Any]:
+        """Eval (and validation) scores; ``decoder`` (a CachedDecoder) makes greedy decoding use a KV cache."""
         from .data import read_jsonl
         from .evaluate import evaluate
 
@@ -188,6 +189,7 @@ class _Runner:
                     batch_size=cell.eval.batch_size,
                     max_new_tokens=cell.eval.max_new_tokens,
                     device=cell.train.device,
+                    decoder=decoder,
                 )
                 results[split] = _summary(table)
         return results
@@ -203,9 +205,14 @@ class _Runner:
         if path.is_file():
             return json.loads(path.read_text())["results"]
         self.say(f"evaluating the base model {cell.model} on {paths['eval'].parent.name}")
+        from .evaluate import cached_decoder
+
         model = self.loaded.model.to(cell.train.device)
         results = self._evaluate(
-            lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits, cell, paths
+            lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+            cell,
+            paths,
+            cached_decoder(model),
         )
         model.to("cpu")  # cells capture and initialise adapters on the CPU, whatever the device
         _write_json(path, {"key": key, "results": results})
@@ -240,7 +247,12 @@ class _Runner:
             trained = time.perf_counter()
             say_step("eval")
             set_adapters_training(gm, False)
-            scores = self._evaluate(lambda ids, mask: gm(input_ids=ids, attention_mask=mask).logits, cell, paths)
+            from .evaluate import cached_decoder
+
+            decoder = cached_decoder(loaded.model, gm)  # the adapters copied into a graph with a KV cache
+            scores = self._evaluate(
+                lambda ids, mask: gm(input_ids=ids, attention_mask=mask).logits, cell, paths, decoder
+            )
             steps = [r for r in result.metrics if "tokens" in r]
             seconds = sum(r["seconds"] for r in steps)
             row = {
