@@ -78,7 +78,7 @@ def _add_runtime_flags(p) -> None:
         "--backend",
         default="auto",
         help=f"one of {', '.join(BACKENDS)}: genai = onnxruntime-genai (the genai extra), "
-        "ort = malora-fx's onnxruntime runner; auto = genai for decoder exports when installed, else ort",
+        "ort = malora-fx's onnxruntime runner; auto = genai on CUDA (onnxruntime-genai-cuda), else ort",
     )
     p.add_argument("--provider", default="auto", help=f"one of {', '.join(PROVIDERS)} (auto = CUDA when available)")
     p.add_argument(
@@ -161,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("batch", "seq", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise MaloraError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
-    if args.batch != 1 and choose_backend(args.backend, args.export_dir) == "genai":
+    if args.batch != 1 and choose_backend(args.backend, args.export_dir, args.provider) == "genai":
         raise MaloraError(f"--batch: {args.batch}; onnxruntime-genai is timed at batch 1 only (or use --backend ort)")
     keep = Path(args.keep) if args.keep else None
     if keep is not None and keep.exists() and (not keep.is_dir() or _foreign_entries(keep)):
