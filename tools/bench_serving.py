@@ -170,6 +170,8 @@ class RawSession:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
         self.seq = seq
         rng = np.random.default_rng(0)
         self.prefill_feeds = self._feeds(rng, new=seq, past=0)
@@ -185,9 +187,8 @@ class RawSession:
             elif name == "position_ids":
                 feeds[name] = np.arange(past, past + new, dtype=np.int64)[None]
             elif name.startswith("past_key_values."):
-                heads, head_dim = arg.shape[1], arg.shape[3]
                 dtype = np.float16 if "float16" in arg.type else np.float32
-                feeds[name] = rng.standard_normal((1, heads, past, head_dim)).astype(dtype)
+                feeds[name] = rng.standard_normal((1, self.kv_heads, past, self.head_dim)).astype(dtype)
             else:
                 raise SystemExit(f"{name}: an input this benchmark does not know how to feed")
         return feeds
