@@ -87,8 +87,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = ExportManifest.read(out)
     print(
         f"wrote {out}/model.onnx ({manifest.kind}, {manifest.dtype}, opset {manifest.opset}, "
-        f"{'with' if manifest.kv_cache else 'without'} KV cache); inputs: {', '.join(manifest.inputs[:5])}"
-        + (" ..." if len(manifest.inputs) > 5 else "")
+        f"{'with' if manifest.kv_cache else 'without'} KV cache"
+        f"{'; an onnxruntime-genai model folder' if manifest.kv_cache else ''}); "
+        f"inputs: {', '.join(manifest.inputs[:5])}" + (" ..." if len(manifest.inputs) > 5 else "")
     )
     return 0
 

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import MaloraError, first_line
 from .adapter_file import adapter_file_key, check_adapter_file
 from .genai_folder import check_genai_folder
-from .runner import PROVIDERS
+from .runner import PROVIDERS, check_generation_request
 
 GENAI_EXTRA = (
     "onnxruntime-genai is not installed; install the genai extra: pip install -e '.[genai]' "
@@ -128,16 +128,7 @@ class GenaiGenerator:
 
         og also stops at the eos ids of ``genai_config.json`` (the same set by default).
         """
-        limit = self.manifest.max_positions or 0
-        if max_new_tokens < 0:
-            raise MaloraError(f"max_new_tokens: {max_new_tokens} is not allowed; expected an integer >= 0")
-        if limit and len(prompt_ids) + max_new_tokens > limit:
-            raise MaloraError(
-                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
-                f"model's context of {limit} positions"
-            )
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
+        check_generation_request(self.manifest, len(prompt_ids), max_new_tokens, temperature, top_p)
         if not prompt_ids:
             raise MaloraError("prompt: empty; give at least one token")
         name = self._adapter_name(Path(adapter)) if adapter is not None else None

@@ -202,16 +202,7 @@ class OrtGenerator:
         """
         if not self.is_decoder:
             raise MaloraError(f"{self.dir}: generation needs a decoder export with a KV cache")
-        limit = self.manifest.max_positions or 0
-        if limit and len(prompt_ids) + max_new_tokens > limit:
-            raise MaloraError(
-                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the "
-                f"model's context of {limit} positions"
-            )
-        if max_new_tokens < 0:
-            raise MaloraError(f"max_new_tokens: {max_new_tokens} is not allowed; expected an integer >= 0")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
+        check_generation_request(self.manifest, len(prompt_ids), max_new_tokens, temperature, top_p)
         cache = self.new_cache(1, adapter)
         rng = np.random.default_rng(seed)
         ids = np.asarray([list(prompt_ids)], dtype=np.int64)
@@ -228,6 +219,22 @@ class OrtGenerator:
             yield token
             ids = np.asarray([[token]], dtype=np.int64)
         return None
+
+
+def check_generation_request(
+    manifest: ExportManifest, prompt_length: int, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
+    """One-line MaloraErrors for a generation request either runner refuses (limits, sampling settings)."""
+    if max_new_tokens < 0:
+        raise MaloraError(f"max_new_tokens: {max_new_tokens} is not allowed; expected an integer >= 0")
+    limit = manifest.max_positions or 0
+    if limit and prompt_length + max_new_tokens > limit:
+        raise MaloraError(
+            f"prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
+            f"model's context of {limit} positions"
+        )
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise MaloraError(f"temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
