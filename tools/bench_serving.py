@@ -58,24 +58,10 @@ def timed_build(name: str, path: Path, build) -> float | None:
 
 def write_hf_dir(out: Path) -> None:
     """A transformers directory of the packaged model (safetensors + config with architectures + tokenizer)."""
-    from safetensors.torch import save_file
-
     import malora_fx as mf
+    from malora_fx.graph.sources import write_transformers_dir
 
-    loaded = mf.load_model(MODEL)
-    model = loaded.model
-    tied = bool(model.config.tie_word_embeddings)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("dtype", None)
-    config.update(architectures=[type(model).__name__], torch_dtype="float32")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    loaded.tokenizer.save_pretrained(str(tmp))
-    tmp.rename(out)
+    write_transformers_dir(mf.load_model(MODEL), out)
 
 
 def write_peft_lora(hf_dir: Path, out: Path, rank: int = 64) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..deploy.adapter_file import export_adapter
     from ..deploy.manifest import ExportManifest
     from ..deploy.onnx_export import export_run
+    from ..deploy.stage_clock import StageClock
 
     _check_export_options(args)
     if args.adapter_only:
@@ -83,7 +85,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         base_only=args.base_only,
         switchable=args.switchable,
         fuse=not args.no_fuse,
+        clock=(clock := StageClock(say=_say, prefix="export: ")),
     )
+    _say(f"export: {clock.summary()}")
     manifest = ExportManifest.read(out)
     print(
         f"wrote {out}/model.onnx ({manifest.kind}, {manifest.dtype}, opset {manifest.opset}, "
@@ -92,6 +96,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"inputs: {', '.join(manifest.inputs[:5])}" + (" ..." if len(manifest.inputs) > 5 else "")
     )
     return 0
+
+
+def _say(message: str) -> None:
+    print(f"malora-fx: {message}", file=sys.stderr, flush=True)
 
 
 def _check_export_options(args: argparse.Namespace) -> None:

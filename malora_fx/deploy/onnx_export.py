@@ -42,6 +42,8 @@ from .adapter_file import adapter_parameters, make_initializers_overridable
 from .genai_folder import write_genai_config
 from .manifest import ExportManifest, torch_dtype
 from .merge_lower import lower, merge
+from .onnx_passes import optimize_onnx
+from .stage_clock import StageClock
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def export_run(
     switchable: bool = False,
     lowered: bool = True,
     fuse: bool = True,
+    clock: StageClock | None = None,
 ) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
 
@@ -72,29 +75,34 @@ def export_run(
     comparison with the lowered form. ``fuse`` concatenates each adapter's
     router and shared down-projection with the base GEMMs reading the same
     input (:func:`malora_fx.lower`); base-only and switchable exports have
-    nothing it fuses.
+    nothing it fuses. ``clock`` (a :class:`StageClock`) records each stage's seconds and says it
+    as it ends: load, capture, adapters, torch.onnx, onnx passes, save.
     """
     dt = torch_dtype(dtype)
     if opset < 18:
         raise MaloraError(f"opset: {opset} is too old; allowed: >= 18")
-    info, loaded = read_run(run_dir)
-    model = loaded.model.to(dt).eval()
+    clock = clock or StageClock()
+    with clock("load"):
+        info, loaded = read_run(run_dir)
+        model = loaded.model.to(dt).eval()
     decoder = bool(cache) and is_decoder(model)
-    if decoder:
-        gm, example = capture_decoder(model, dt)
-        dynamic = decoder_dynamic_shapes(example)
-        input_names, output_names = decoder_names(cache_geometry(model.config)[0])
-    else:
-        gm, example, dynamic, input_names, output_names = _capture_plain(model)
+    with clock("capture"):
+        if decoder:
+            gm, example = capture_decoder(model, dt)
+            dynamic = decoder_dynamic_shapes(example)
+            input_names, output_names = decoder_names(cache_geometry(model.config)[0])
+        else:
+            gm, example, dynamic, input_names, output_names = _capture_plain(model)
     adapted = not base_only
     switchable = bool(switchable) and adapted
     if adapted:
-        gm = apply_run_adapters(gm, run_dir, info)
-        if switchable:
-            gm = lower(gm, inplace=True, fold_lora=False, fuse=fuse)
-        else:
-            gm = merge(gm, inplace=True)
-            gm = lower(gm, inplace=True, fuse=fuse) if lowered else gm
+        with clock("adapters"):
+            gm = apply_run_adapters(gm, run_dir, info)
+            if switchable:
+                gm = lower(gm, inplace=True, fold_lora=False, fuse=fuse)
+            else:
+                gm = merge(gm, inplace=True)
+                gm = lower(gm, inplace=True, fuse=fuse) if lowered else gm
     gm.to(dt)
     manifest = ExportManifest(
         base_model=info["base_model"],
@@ -113,7 +121,7 @@ def export_run(
     )
     module = gm if decoder else _EncoderOutputs(gm, input_names, output_names)
     out_dir = Path(out_dir)
-    _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer, model.config)
+    _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer, model.config, clock)
     return out_dir
 
 
@@ -257,36 +265,50 @@ def _write_export(
     out_dir: Path,
     tokenizer,
     config=None,
+    clock: StageClock | None = None,
 ) -> None:
     """Export ``module`` (``gm`` or a wrapper of it) into a temporary directory, check it, rename it to ``out_dir``.
 
-    A decoder with a KV cache (``config`` given) also gets its ``genai_config.json``.
+    ``torch.onnx.export`` runs without its own optimizer; :func:`~malora_fx.deploy.onnx_passes.optimize_onnx`
+    cleans the graph instead (same result, a fraction of the time: see that module). A decoder with a
+    KV cache (``config`` given) also gets its ``genai_config.json``.
     """
-    import onnx
-
+    clock = clock or StageClock()
     for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
         sub.training = False
     with atomic_directory(out_dir) as tmp:
-        program = torch.onnx.export(
-            module,
-            (),
-            kwargs=example,
-            dynamic_shapes=dynamic,
-            input_names=list(manifest.inputs),
-            output_names=list(manifest.outputs),
-            opset_version=manifest.opset,
-            dynamo=True,
-            verbose=False,
-        )
-        size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+        with clock("torch.onnx"):
+            program = torch.onnx.export(
+                module,
+                (),
+                kwargs=example,
+                dynamic_shapes=dynamic,
+                input_names=list(manifest.inputs),
+                output_names=list(manifest.outputs),
+                opset_version=manifest.opset,
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+            )
         if program is None:  # only when torch.onnx.export is given a file name
             raise MaloraError("torch.onnx.export returned no ONNX program")
-        program.save(str(tmp / MODEL_FILE), external_data=size > EXTERNAL_DATA_BYTES)
-        if manifest.switchable:
-            make_initializers_overridable(tmp / MODEL_FILE, set(manifest.adapter_parameters))
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if manifest.kv_cache and config is not None:
-            write_genai_config(tmp, manifest, config, tokenizer, MODEL_FILE)
-        manifest.write(tmp)
+        with clock("onnx passes"):
+            optimize_onnx(program.model)
+        with clock("save"):
+            _save_checked(program, gm, manifest, tmp, tokenizer, config)
+
+
+def _save_checked(program, gm: nn.Module, manifest: ExportManifest, tmp: Path, tokenizer, config) -> None:
+    """Write the model (checked), tokenizer, genai_config.json and export.json into ``tmp``."""
+    import onnx
+
+    size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    program.save(str(tmp / MODEL_FILE), external_data=size > EXTERNAL_DATA_BYTES)
+    if manifest.switchable:
+        make_initializers_overridable(tmp / MODEL_FILE, set(manifest.adapter_parameters))
+    onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if manifest.kv_cache and config is not None:
+        write_genai_config(tmp, manifest, config, tokenizer, MODEL_FILE)
+    manifest.write(tmp)

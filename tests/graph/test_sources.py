@@ -68,3 +68,40 @@ def test_unknown_fetch_name():
         mf.ModelSourceError, match="'tiny-llama' is not a packaged model; allowed: smollm2-135m, minilm-l6"
     ):
         mf.fetch("tiny-llama")
+
+
+def test_write_transformers_dir_round_trips(tmp_path):
+    from malora_fx.graph.sources import LoadedModel, write_transformers_dir
+
+    model = tiny_model("tiny-llama").eval()
+    write_transformers_dir(LoadedModel(model, "tiny-llama", mf.load_model("tiny-llama").tokenizer), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__] and "quantization_config" not in config
+    assert (tmp_path / "hf" / ".complete").is_file() and not list(tmp_path.glob(".tmp-*"))
+    loaded = mf.load_model(tmp_path / "hf")
+    ids = torch.randint(0, 256, (2, 6))
+    expected = main_output(model(input_ids=ids))
+    torch.testing.assert_close(main_output(loaded.model(input_ids=ids)), expected, rtol=0, atol=0)
+
+
+@pytest.mark.e2e
+def test_packaged_gguf_loads_from_its_converted_directory(smollm2):
+    """The converted directory gives the GGUF file's tensors, config and tokenizer exactly."""
+    from malora_fx.graph.sources import CONVERTED, PACKAGED, _load_gguf, fetch
+
+    folder = fetch("smollm2-135m")
+    assert (folder / CONVERTED / ".complete").is_file()  # written by the first load (the smollm2 fixture)
+    direct = _load_gguf(folder / PACKAGED["smollm2-135m"].entry, torch.float32)
+    cached = mf.load_model("smollm2-135m")
+    a, b = direct.model.state_dict(), cached.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    skip = {"quantization_config", "architectures", "_name_or_path"}  # the GGUF markers; the folder read
+    diff = {k for k in direct.model.config.to_dict().keys() | cached.model.config.to_dict().keys() if k not in skip}
+    assert all(direct.model.config.to_dict().get(k) == cached.model.config.to_dict().get(k) for k in diff)
+    text = "<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<|im_start|>assistant\n"
+    assert direct.tokenizer(text).input_ids == cached.tokenizer(text).input_ids
+    assert direct.tokenizer.chat_template == cached.tokenizer.chat_template
+    assert (direct.tokenizer.eos_token_id, direct.tokenizer.bos_token_id) == (
+        cached.tokenizer.eos_token_id,
+        cached.tokenizer.bos_token_id,
+    )

@@ -1,0 +1,55 @@
+"""ONNX-level passes run on every export after ``torch.onnx.export`` (onnx-ir models, in place).
+
+:data:`EXPORT_PASSES` is the ordered list a reader sees in one place; :func:`optimize_onnx`
+runs it and returns one :class:`PassReport` per pass (name, changed, nodes after, seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from .cleanup import cleanup
+
+logger = logging.getLogger(__name__)
+
+EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult]]] = [
+    ("cleanup", cleanup),
+]
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one ONNX pass did."""
+
+    name: str
+    modified: bool
+    nodes: int
+    seconds: float
+
+
+def optimize_onnx(model: ir.Model) -> list[PassReport]:
+    """Run :data:`EXPORT_PASSES` on ``model`` in place, in order."""
+    reports = []
+    for name, run in EXPORT_PASSES:
+        began = time.perf_counter()
+        result = run(model)
+        report = PassReport(name, bool(result.modified), count_nodes(model), time.perf_counter() - began)
+        logger.info(
+            "onnx pass %s: %s, %d nodes, %.1f s",
+            name,
+            "changed" if report.modified else "no change",
+            report.nodes,
+            report.seconds,
+        )
+        reports.append(report)
+    return reports
+
+
+def count_nodes(model: ir.Model) -> int:
+    """Nodes of the main graph (subgraphs not counted)."""
+    return sum(1 for _ in model.graph)
