@@ -11,6 +11,7 @@ from ..errors import MaloraError
 def add_parsers(sub) -> None:
     """``quickstart``."""
     from ..graph.sources import DEFAULT_MODEL
+    from ..quickstart import QUICK_STEPS
 
     p = sub.add_parser(
         "quickstart",
@@ -24,7 +25,7 @@ def add_parsers(sub) -> None:
         default="runs/quickstart",
         help="output directory; a non-empty one is refused unless it holds an earlier quickstart or --overwrite",
     )
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=QUICK_STEPS)
     p.add_argument("--method", default="malora")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out anyway")
     p.set_defaults(func=cmd_quickstart)

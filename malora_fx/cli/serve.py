@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 def add_parsers(sub) -> None:
     """``run`` and ``bench``."""
+    from ..deploy.bench import BENCH_NEW_TOKENS, BENCH_REPEATS, BENCH_SEQ
+
     p = sub.add_parser(
         "run",
         help="generate text with an exported model (onnxruntime-genai or onnxruntime)",
@@ -60,9 +62,9 @@ def add_parsers(sub) -> None:
         "--keep", help="build the comparison exports in this directory and keep them (reused when already there)"
     )
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seq", type=int, default=BENCH_SEQ)
+    p.add_argument("--new-tokens", type=int, default=BENCH_NEW_TOKENS)
+    p.add_argument("--repeats", type=int, default=BENCH_REPEATS)
     _add_runtime_flags(p)
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     p.add_argument("--json", help="also write the timings here")

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# What `malora-fx bench` and the quickstart time by default: prompt length, decode steps, alternated rounds
+BENCH_SEQ, BENCH_NEW_TOKENS, BENCH_REPEATS = 128, 32, 5
+
 # A runner maps (input_ids, attention_mask, position_ids, past) -> (logits, past); past=None means empty.
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray, object], tuple[np.ndarray, object]]
 
