@@ -104,9 +104,18 @@ def write_malora_run(out: Path) -> None:
     mf.save_adapters(gm, out, base_model=MODEL)
 
 
-def build_all(work: Path) -> tuple[dict[str, Path], dict[str, float | None]]:
+def build_all(work: Path) -> tuple[dict[str, Path], dict[str, float | None], dict[str, dict[str, float]]]:
+    """Build (or reuse) every graph; returns their folders, build seconds and our exports' stage seconds."""
     from malora_fx.deploy.onnx_export import export_run
     from malora_fx.deploy.peft_import import convert_peft
+    from malora_fx.deploy.stage_clock import StageClock
+
+    stages: dict[str, dict[str, float]] = {}
+
+    def export(name: str, run: Path, **options) -> None:
+        clock = StageClock(say=log, prefix=f"{name}: ")
+        export_run(run, graphs[name], clock=clock, **options)
+        stages[name] = clock.seconds
 
     hf, peft = work / "hf", work / "peft-lora-r64"
     malora_run, lora_run = work / "run-malora", work / "run-lora"
@@ -127,22 +136,20 @@ def build_all(work: Path) -> tuple[dict[str, Path], dict[str, float | None]]:
             "builder+lora", graphs["builder+lora"], lambda: run_builder(hf, graphs["builder+lora"], peft)
         ),
         "ours base": timed_build(
-            "ours base", graphs["ours base"], lambda: export_run(malora_run, graphs["ours base"], base_only=True)
+            "ours base", graphs["ours base"], lambda: export("ours base", malora_run, base_only=True)
         ),
-        "ours malora": timed_build(
-            "ours malora", graphs["ours malora"], lambda: export_run(malora_run, graphs["ours malora"])
-        ),
-        "ours lora": timed_build("ours lora", graphs["ours lora"], lambda: export_run(lora_run, graphs["ours lora"])),
+        "ours malora": timed_build("ours malora", graphs["ours malora"], lambda: export("ours malora", malora_run)),
+        "ours lora": timed_build("ours lora", graphs["ours lora"], lambda: export("ours lora", lora_run)),
     }
-    return graphs, seconds
+    return graphs, seconds, stages
 
 
-def remember_build_seconds(path: Path, seconds: dict[str, float | None]) -> dict[str, float | None]:
-    """Merge this run's build times into ``path`` (a reused graph keeps the time it took when it was built)."""
+def remember(path: Path, values: dict) -> dict:
+    """Merge this run's build records into ``path`` (a reused graph keeps what was recorded when it was built)."""
     known = json.loads(path.read_text()) if path.is_file() else {}
-    known.update({name: value for name, value in seconds.items() if value is not None})
+    known.update({name: value for name, value in values.items() if value is not None})
     path.write_text(json.dumps(known, indent=2) + "\n")
-    return {name: known.get(name) for name in seconds}
+    return {name: known.get(name) for name in values}
 
 
 class RawSession:
@@ -257,7 +264,7 @@ def measure(graphs: dict[str, Path], args) -> dict[str, dict[str, list[float]]]:
     return samples
 
 
-def summarize(samples, seconds, args) -> tuple[str, dict]:
+def summarize(samples, seconds, stages, args) -> tuple[str, dict]:
     med = {n: {k: statistics.median(v) if v else float("nan") for k, v in s.items()} for n, s in samples.items()}
     ref = med["builder"]
     lines = [
@@ -276,7 +283,21 @@ def summarize(samples, seconds, args) -> tuple[str, dict]:
             f"{m['decode_s'] * 1e3:.2f} | {m['decode_s'] / ref['decode_s']:.2f} | {m['og_tokens_per_s']:.1f} | "
             f"{m['og_tokens_per_s'] / ref['og_tokens_per_s']:.2f} | {'' if build is None else f'{build:.0f}'} |"
         )
-    result = {"machine": machine(), "args": vars(args), "medians": med, "build_seconds": seconds, "samples": samples}
+    if stages:
+        names = list(max(stages.values(), key=len))  # the stages in the order they ran (the adapted export has all)
+        lines += ["", "Our exports' stages (seconds):", "", "| graph | " + " | ".join(names) + " | total |"]
+        lines.append("|---" * (len(names) + 2) + "|")
+        for name, row in stages.items():
+            cells = " | ".join(f"{row[stage]:.1f}" if stage in row else "–" for stage in names)
+            lines.append(f"| {name} | {cells} | {sum(row.values()):.1f} |")
+    result = {
+        "machine": machine(),
+        "args": vars(args),
+        "medians": med,
+        "build_seconds": seconds,
+        "export_stages": stages,
+        "samples": samples,
+    }
     return "\n".join(lines), result
 
 
@@ -305,15 +326,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    graphs, seconds = build_all(work)
-    seconds = remember_build_seconds(work / "build_seconds.json", seconds)
+    graphs, seconds, stages = build_all(work)
+    seconds = remember(work / "build_seconds.json", seconds)
+    stages = {k: v for k, v in remember(work / "export_stages.json", stages).items() if v is not None}
     if args.build_only:
         return 0
     if args.only:
         keep = [n.strip() for n in args.only.split(",")]
         graphs = {n: p for n, p in graphs.items() if n in keep or n == "builder"}
     samples = measure(graphs, args)
-    table, result = summarize(samples, seconds, args)
+    table, result = summarize(samples, seconds, stages, args)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -49,6 +49,12 @@ def add_parsers(sub) -> None:
         help="keep each adapter's router and down-projection GEMMs apart from the base GEMMs "
         "(fused by default: faster on onnxruntime CPU, see tools/bench_fusion.py)",
     )
+    p.add_argument(
+        "--no-ort-fusions",
+        action="store_true",
+        help="keep plain ONNX ops: no onnxruntime contrib kernels (fused RMSNorm/SkipRMSNorm/LayerNorm, "
+        "rotary), for runtimes other than onnxruntime",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=cmd_export)
 
@@ -85,6 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         base_only=args.base_only,
         switchable=args.switchable,
         fuse=not args.no_fuse,
+        ort_fusions=not args.no_ort_fusions,
         clock=(clock := StageClock(say=_say, prefix="export: ")),
     )
     _say(f"export: {clock.summary()}")
@@ -107,10 +114,10 @@ def _check_export_options(args: argparse.Namespace) -> None:
     if args.base_only and (args.switchable or args.adapter_only):
         other = "--switchable" if args.switchable else "--adapter-only"
         raise MaloraError(f"--base-only: cannot be combined with {other}; the base export has no adapters")
-    if args.adapter_only and (args.switchable or args.no_cache or args.no_fuse):
+    if args.adapter_only and (args.switchable or args.no_cache or args.no_fuse or args.no_ort_fusions):
         raise MaloraError(
             "--adapter-only: writes only an .onnx_adapter file; allowed with --dtype only "
-            "(not --switchable, --no-cache, --no-fuse)"
+            "(not --switchable, --no-cache, --no-fuse, --no-ort-fusions)"
         )
     out = Path(args.out)
     if out.is_file() and not args.adapter_only:

@@ -7,7 +7,7 @@ Contract:
   ``export.json``; code elsewhere uses its attributes, never string keys.
 * On disk the keys are, in this order: ``format``, ``base_model``, ``method``,
   ``adapters``, ``dtype``, ``opset``, ``kind``, ``inputs``, ``outputs``,
-  ``kv_cache``, ``switchable``, ``fused``, ``adapter_parameters`` and, for
+  ``kv_cache``, ``switchable``, ``fused``, ``ort_fusions``, ``adapter_parameters`` and, for
   decoders with a KV cache only, ``num_layers``, ``num_kv_heads``,
   ``head_dim``, ``vocab_size``, ``max_positions``.
 * ``format`` is the version marker, :data:`EXPORT_FORMAT`. Reading refuses a
@@ -75,6 +75,7 @@ class ExportManifest:
     kv_cache: bool = False
     switchable: bool = False
     fused: bool = False
+    ort_fusions: bool = False  # onnxruntime contrib ops (fused norms, rotary) in the graph
     adapter_parameters: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shapes stored as tuples
     num_layers: int | None = None
     num_kv_heads: int | None = None
@@ -98,7 +99,7 @@ class ExportManifest:
                 "a list of names",
             )
             object.__setattr__(self, name, tuple(value))
-        for name in ("kv_cache", "switchable", "fused"):
+        for name in ("kv_cache", "switchable", "fused", "ort_fusions"):
             _expect(name, getattr(self, name), lambda v: isinstance(v, bool), "true or false")
         _expect(
             "adapter_parameters",

@@ -43,6 +43,7 @@ from .genai_folder import write_genai_config
 from .manifest import ExportManifest, torch_dtype
 from .merge_lower import lower, merge
 from .onnx_passes import optimize_onnx
+from .onnx_passes.ort_fusions import register_checker_schemas
 from .stage_clock import StageClock
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def export_run(
     switchable: bool = False,
     lowered: bool = True,
     fuse: bool = True,
+    ort_fusions: bool = True,
     clock: StageClock | None = None,
 ) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
@@ -75,7 +77,9 @@ def export_run(
     comparison with the lowered form. ``fuse`` concatenates each adapter's
     router and shared down-projection with the base GEMMs reading the same
     input (:func:`malora_fx.lower`); base-only and switchable exports have
-    nothing it fuses. ``clock`` (a :class:`StageClock`) records each stage's seconds and says it
+    nothing it fuses. ``ort_fusions`` maps norms and rotary to onnxruntime's fused contrib
+    kernels (:mod:`malora_fx.deploy.onnx_passes.ort_fusions`); ``False`` keeps plain ONNX ops
+    for other runtimes. ``clock`` (a :class:`StageClock`) records each stage's seconds and says it
     as it ends: load, capture, adapters, torch.onnx, onnx passes, save.
     """
     dt = torch_dtype(dtype)
@@ -116,6 +120,7 @@ def export_run(
         kv_cache=decoder,
         switchable=switchable,
         fused=hasattr(gm, FUSED_ATTR),
+        ort_fusions=ort_fusions,
         adapter_parameters=adapter_parameters(gm) if switchable else {},
         **(decoder_meta(model.config) if decoder else {}),
     )
@@ -171,6 +176,7 @@ def export_decoder_graph(
             "outputs": outputs,
             "kv_cache": True,
             "fused": hasattr(gm, FUSED_ATTR),
+            "ort_fusions": True,
             **decoder_meta(config),
             **meta,
         }
@@ -187,6 +193,7 @@ def export_onnx(
     opset: int = 18,
     tokenizer=None,
     fuse: bool = True,
+    ort_fusions: bool = True,
 ) -> Path:
     """Export a captured or transformed GraphModule to ``out_dir/model.onnx``.
 
@@ -225,7 +232,12 @@ def export_onnx(
     )
     dynamic = {k: {0: Dim.AUTO, 1: Dim.AUTO} if v.dim() >= 2 else {0: Dim.AUTO} for k, v in example.items()}
     manifest = ExportManifest(
-        opset=opset, kind="graph", inputs=list(example), outputs=names, fused=hasattr(gm, FUSED_ATTR)
+        opset=opset,
+        kind="graph",
+        inputs=list(example),
+        outputs=names,
+        fused=hasattr(gm, FUSED_ATTR),
+        ort_fusions=ort_fusions,
     )
     _write_export(gm, gm, example, dynamic, manifest, Path(out_dir), tokenizer)
     return Path(out_dir)
@@ -293,7 +305,7 @@ def _write_export(
         if program is None:  # only when torch.onnx.export is given a file name
             raise MaloraError("torch.onnx.export returned no ONNX program")
         with clock("onnx passes"):
-            optimize_onnx(program.model)
+            optimize_onnx(program.model, ort_fusions=manifest.ort_fusions)
         with clock("save"):
             _save_checked(program, gm, manifest, tmp, tokenizer, config)
 
@@ -306,6 +318,7 @@ def _save_checked(program, gm: nn.Module, manifest: ExportManifest, tmp: Path, t
     program.save(str(tmp / MODEL_FILE), external_data=size > EXTERNAL_DATA_BYTES)
     if manifest.switchable:
         make_initializers_overridable(tmp / MODEL_FILE, set(manifest.adapter_parameters))
+    register_checker_schemas()  # onnxruntime's SimplifiedLayerNormalization, when ort_fusions made one
     onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))

@@ -51,6 +51,7 @@ def test_round_trip_to_json_from_json():
         "kv_cache",
         "switchable",
         "fused",
+        "ort_fusions",
         "adapter_parameters",
         "num_layers",
         "num_kv_heads",
@@ -60,6 +61,8 @@ def test_round_trip_to_json_from_json():
     ]
     assert data["format"] == EXPORT_FORMAT == "malora-fx-export/1"
     assert data["adapter_parameters"] == {"malora_lowered.q__router": [4, 64]}
+    del data["ort_fusions"]  # written before the key existed: plain ONNX ops
+    assert ExportManifest.from_json(json.dumps(data)).ort_fusions is False
 
 
 def test_non_decoder_has_no_cache_keys_and_write_read(tmp_path):

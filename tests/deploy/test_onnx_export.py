@@ -43,7 +43,10 @@ def test_decoder_export_matches_pytorch(method, tmp_path):
         "past_key_values.1.value",
     ]
     assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
-    assert not any(n.domain == "com.microsoft" for n in model.graph.node)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    # onnxruntime's fused norms: 2 per layer (input norm, post-attention norm), the final one plain or skip
+    assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) >= 3
+    assert ("", "ReduceMean") not in ops and ("", "Pow") not in ops  # no RMSNorm left decomposed
     manifest = ExportManifest.read(out)  # export.json parses, and is exactly what the manifest writes
     assert (out / "export.json").read_text() == manifest.to_json()
     assert (manifest.format, manifest.kind, manifest.method, manifest.kv_cache) == (
@@ -66,6 +69,7 @@ def test_decoder_export_matches_pytorch(method, tmp_path):
     assert np.abs(ref - base).max() > 1e-3  # the adapters matter
     assert np.abs(logits - ref).max() <= 1e-4
     assert past["past_key_values.0.key"].shape == (2, 2, 7, 16)
+    assert_cached_decode_matches(gen, gm, ids, past, steps=3)
 
     prompt = list(ids[0])
     ort_tokens = list(gen.generate(prompt, max_new_tokens=32))
@@ -73,6 +77,36 @@ def test_decoder_export_matches_pytorch(method, tmp_path):
         lambda i, m: gm(input_ids=i, attention_mask=m).logits, [prompt], max_new_tokens=32, stop_ids=set(), pad_id=256
     )[0]
     assert ort_tokens == pt_tokens
+
+
+def assert_cached_decode_matches(gen, gm, ids, past, steps: int) -> None:
+    """``steps`` decode steps through the KV cache give PyTorch's full-recompute logits (1e-4 relative)."""
+    seq = torch.tensor(ids)
+    for _ in range(steps):
+        with torch.no_grad():
+            ref = gm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].numpy()
+        nxt = ref.argmax(-1)[:, None]
+        seq = torch.cat([seq, torch.tensor(nxt)], 1)
+        n = seq.shape[1]
+        logits, past = gen.step(nxt, np.ones((2, n), np.int64), np.full((2, 1), n - 1), past)
+        with torch.no_grad():
+            ref = gm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].numpy()
+        assert np.abs(logits[:, -1] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_decoder_export_without_ort_fusions_is_plain_onnx(tmp_path):
+    """--no-ort-fusions: standard ONNX ops only, the same logits as the fused graph (1e-5 relative)."""
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    fused, plain = export_run(run, tmp_path / "fused"), export_run(run, tmp_path / "plain", ort_fusions=False)
+    model = onnx.load(str(plain / "model.onnx"))
+    assert {n.domain for n in model.graph.node} == {""} and not model.functions
+    assert "SimplifiedLayerNormalization" not in {n.op_type for n in model.graph.node}
+    assert not ExportManifest.read(plain).ort_fusions and ExportManifest.read(fused).ort_fusions
+    ids = np.random.default_rng(3).integers(0, 258, size=(2, 6))
+    feeds = (ids, np.ones_like(ids), np.tile(np.arange(6), (2, 1)))
+    a = OrtGenerator(fused, "cpu").step(*feeds, OrtGenerator(fused, "cpu").empty_past(2))[0]
+    b = OrtGenerator(plain, "cpu").step(*feeds, OrtGenerator(plain, "cpu").empty_past(2))[0]
+    assert 0 < np.abs(a - b).max() <= 1e-5 * np.abs(b).max()  # not the same graph, the same numbers
 
 
 def test_encoder_export_and_base_only(tmp_path):
@@ -103,6 +137,12 @@ def test_cli_export_and_run(tmp_path, capsys):
     assert main(["run", str(tmp_path / "exp"), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert "onnxruntime CPUExecutionProvider" in captured.err
+    assert main(["export", str(run), "--out", str(tmp_path / "plain"), "--no-ort-fusions"]) == 0
+    assert not ExportManifest.read(tmp_path / "plain").ort_fusions and ExportManifest.read(tmp_path / "exp").ort_fusions
+    stages = [
+        line.split(":")[2].strip() for line in capsys.readouterr().err.splitlines() if "malora-fx: export: " in line
+    ]
+    assert stages[:6] == ["load", "capture", "adapters", "torch.onnx", "onnx passes", "save"]
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from .cleanup import cleanup
+from .ort_fusions import fuse_for_ort
 
 logger = logging.getLogger(__name__)
 
-EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult]]] = [
-    ("cleanup", cleanup),
+# (name, pass, emits onnxruntime contrib ops)
+EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult], bool]] = [
+    ("cleanup", cleanup, False),
+    ("ort_fusions", fuse_for_ort, True),
 ]
 
 
@@ -32,10 +35,12 @@ class PassReport:
     seconds: float
 
 
-def optimize_onnx(model: ir.Model) -> list[PassReport]:
-    """Run :data:`EXPORT_PASSES` on ``model`` in place, in order."""
+def optimize_onnx(model: ir.Model, *, ort_fusions: bool = True) -> list[PassReport]:
+    """Run :data:`EXPORT_PASSES` on ``model`` in place, in order (contrib-op passes only with ``ort_fusions``)."""
     reports = []
-    for name, run in EXPORT_PASSES:
+    for name, run, contrib in EXPORT_PASSES:
+        if contrib and not ort_fusions:
+            continue
         began = time.perf_counter()
         result = run(model)
         report = PassReport(name, bool(result.modified), count_nodes(model), time.perf_counter() - began)
