@@ -152,6 +152,28 @@ def remember(path: Path, values: dict) -> dict:
     return {name: known.get(name) for name in values}
 
 
+def decoder_feeds(session, folder: Path, rng, new: int, past: int) -> dict[str, np.ndarray]:
+    """Random inputs for one call of a decoder graph (ours or the builder's): ``new`` token ids after a
+    random cache of ``past`` positions, from the session's input names and ``genai_config.json``."""
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    kv_heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
+    feeds: dict[str, np.ndarray] = {}
+    for arg in session.get_inputs():
+        name = arg.name
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, 1000, size=(1, new), dtype=np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((1, past + new), np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(past, past + new, dtype=np.int64)[None]
+        elif name.startswith("past_key_values."):
+            dtype = np.float16 if "float16" in arg.type else np.float32
+            feeds[name] = rng.standard_normal((1, kv_heads, past, head_dim)).astype(dtype)
+        else:
+            raise SystemExit(f"{folder}: input {name!r} is not one this benchmark knows how to feed")
+    return feeds
+
+
 class RawSession:
     """Raw InferenceSession timing: prefill 1 x seq, one decode step after seq (feeds made from input names)."""
 
@@ -162,29 +184,10 @@ class RawSession:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
         self.seq = seq
         rng = np.random.default_rng(0)
-        self.prefill_feeds = self._feeds(rng, new=seq, past=0)
-        self.decode_feeds = self._feeds(rng, new=1, past=seq)
-
-    def _feeds(self, rng, new: int, past: int) -> dict[str, np.ndarray]:
-        feeds: dict[str, np.ndarray] = {}
-        for name, arg in self.inputs.items():
-            if name == "input_ids":
-                feeds[name] = rng.integers(0, 1000, size=(1, new), dtype=np.int64)
-            elif name == "attention_mask":
-                feeds[name] = np.ones((1, past + new), np.int64)
-            elif name == "position_ids":
-                feeds[name] = np.arange(past, past + new, dtype=np.int64)[None]
-            elif name.startswith("past_key_values."):
-                dtype = np.float16 if "float16" in arg.type else np.float32
-                feeds[name] = rng.standard_normal((1, self.kv_heads, past, self.head_dim)).astype(dtype)
-            else:
-                raise SystemExit(f"{name}: an input this benchmark does not know how to feed")
-        return feeds
+        self.prefill_feeds = decoder_feeds(self.session, folder, rng, new=seq, past=0)
+        self.decode_feeds = decoder_feeds(self.session, folder, rng, new=1, past=seq)
 
     def prefill(self) -> float:
         start = time.perf_counter()

@@ -22,28 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-
-def feeds_for(session, folder: Path, past: int, new: int) -> dict[str, np.ndarray]:
-    """Random cache of ``past`` positions and ``new`` token ids, from the session's input names."""
-    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    kv_heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
-    rng = np.random.default_rng(0)
-    feeds: dict[str, np.ndarray] = {}
-    for value in session.get_inputs():
-        name = value.name
-        if name == "input_ids":
-            feeds[name] = rng.integers(0, 1000, (1, new), dtype=np.int64)
-        elif name == "attention_mask":
-            feeds[name] = np.ones((1, past + new), np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.arange(past, past + new, dtype=np.int64)[None]
-        elif name.startswith("past_key_values"):
-            dtype = np.float16 if "float16" in value.type else np.float32
-            feeds[name] = rng.standard_normal((1, kv_heads, past, head_dim)).astype(dtype)
-        else:
-            raise SystemExit(f"profile_ort: {folder}: input {name!r} is not one this tool knows how to feed")
-    return feeds
+from bench_serving import decoder_feeds  # tools/ is on sys.path when this file runs as a script
 
 
 def profile(folder: Path, past: int, new: int, runs: int, threads: int) -> tuple[float, dict[str, list[float]]]:
@@ -57,7 +36,7 @@ def profile(folder: Path, past: int, new: int, runs: int, threads: int) -> tuple
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "prof")
         session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        feeds = feeds_for(session, folder, past, new)
+        feeds = decoder_feeds(session, folder, np.random.default_rng(0), new=new, past=past)
         for _ in range(3 + runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())

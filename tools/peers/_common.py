@@ -45,22 +45,14 @@ from malora_fx.training.schedule import make_optimizer, total_steps
 from malora_fx.training.step import MicroBatches, train_step
 from malora_fx.training.suites import write_suite
 
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tools/: the CPU name as the benchmarks write it
+from bench_train_step import cpu_name  # noqa: E402
+
 TARGET_LIST = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = ",".join(TARGET_LIST)
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        if names:
-            return names[0]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions(*packages: str) -> dict[str, str]:
