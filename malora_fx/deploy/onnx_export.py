@@ -77,10 +77,10 @@ def export_run(
     comparison with the lowered form. ``fuse`` concatenates each adapter's
     router and shared down-projection with the base GEMMs reading the same
     input (:func:`malora_fx.lower`); base-only and switchable exports have
-    nothing it fuses. ``ort_fusions`` maps norms and rotary to onnxruntime's fused contrib
-    kernels (:mod:`malora_fx.deploy.onnx_passes.ort_fusions`); ``False`` keeps plain ONNX ops
-    for other runtimes. ``clock`` (a :class:`StageClock`) records each stage's seconds and says it
-    as it ends: load, capture, adapters, torch.onnx, onnx passes, save.
+    nothing it fuses. ``ort_fusions`` maps RMSNorm / LayerNorm and their residual adds to
+    onnxruntime's fused kernels (:mod:`malora_fx.deploy.onnx_passes.ort_fusions`); ``False``
+    keeps standard ONNX ops for other runtimes. ``clock`` (a :class:`StageClock`) records each
+    stage's seconds and says it as it ends: load, capture, adapters, torch.onnx, onnx passes, save.
     """
     dt = torch_dtype(dtype)
     if opset < 18:
@@ -203,7 +203,7 @@ def export_onnx(
     ``example_kwargs`` (batch and sequence dynamic); constants baked into ``gm``
     at capture (``use_cache=False``) may be repeated there and are not ONNX
     inputs. Outputs are named after the fields of the model output
-    (``logits``, ``last_hidden_state``, ...).
+    (``logits``, ``last_hidden_state``, ...). ``ort_fusions`` as in :func:`export_run`.
 
     Example:
         >>> export_onnx(gm, "exports/gm", {"input_ids": ids, "attention_mask": mask})
