@@ -178,7 +178,10 @@ def _load_packaged(name: str, dtype: torch.dtype) -> LoadedModel:
         loaded = _load_directory(folder / CONVERTED, dtype)
     else:
         loaded = _load_gguf(folder / entry, dtype)
-        write_transformers_dir(loaded, folder / CONVERTED)
+        try:
+            write_transformers_dir(loaded, folder / CONVERTED)
+        except OSError as exc:  # a read-only or full cache: the next load de-quantises again
+            logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
     loaded.source = name
     return loaded
 

@@ -105,3 +105,19 @@ def test_packaged_gguf_loads_from_its_converted_directory(smollm2):
         cached.tokenizer.eos_token_id,
         cached.tokenizer.bos_token_id,
     )
+
+
+def test_packaged_load_survives_a_read_only_cache(tmp_path, monkeypatch, caplog):
+    """Writing converted/ is a cache: when it fails the model still loads (from the GGUF file)."""
+    from malora_fx.graph import sources
+
+    monkeypatch.setattr(sources, "fetch", lambda name: tmp_path)
+    monkeypatch.setattr(sources, "_load_gguf", lambda path, dtype: sources.LoadedModel(tiny_model("tiny-llama"), "x"))
+
+    def read_only(loaded, out):
+        raise PermissionError(13, "Permission denied", str(out))
+
+    monkeypatch.setattr(sources, "write_transformers_dir", read_only)
+    loaded = sources.load_model("smollm2-135m")
+    assert loaded.source == "smollm2-135m" and not (tmp_path / sources.CONVERTED).exists()
+    assert "could not cache smollm2-135m as a transformers directory" in caplog.text
