@@ -178,15 +178,22 @@ def _load_packaged(name: str, dtype: torch.dtype) -> LoadedModel:
         loaded = _load_directory(folder / CONVERTED, dtype)
     else:
         loaded = _load_gguf(folder / entry, dtype)
-        try:
-            write_transformers_dir(loaded, folder / CONVERTED)
-        except OSError as exc:  # a read-only or full cache: the next load de-quantises again
-            logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
+        loaded.source = name
+        if dtype == torch.float32:  # the cache holds full-precision weights only
+            _cache_converted(loaded, folder / CONVERTED)
     loaded.source = name
     return loaded
 
 
 CONVERTED = "converted"  # the de-quantised transformers directory beside a packaged GGUF file
+
+
+def _cache_converted(loaded: LoadedModel, out: Path) -> None:
+    """:func:`write_transformers_dir`, as a cache: a read-only or full disk only costs the next load time."""
+    try:
+        write_transformers_dir(loaded, out)
+    except OSError as exc:
+        logger.warning("could not cache %s as a transformers directory: %s", loaded.source, first_line(exc))
 
 
 def write_transformers_dir(loaded: LoadedModel, out: Path) -> None:

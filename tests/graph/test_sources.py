@@ -121,3 +121,14 @@ def test_packaged_load_survives_a_read_only_cache(tmp_path, monkeypatch, caplog)
     loaded = sources.load_model("smollm2-135m")
     assert loaded.source == "smollm2-135m" and not (tmp_path / sources.CONVERTED).exists()
     assert "could not cache smollm2-135m as a transformers directory" in caplog.text
+
+
+def test_packaged_half_precision_load_does_not_fill_the_cache(tmp_path, monkeypatch):
+    """converted/ holds the de-quantised fp32 weights; an fp16 load must not write rounded ones there."""
+    from malora_fx.graph import sources
+
+    monkeypatch.setattr(sources, "fetch", lambda name: tmp_path)
+    model = tiny_model("tiny-llama").half()
+    monkeypatch.setattr(sources, "_load_gguf", lambda path, dtype: sources.LoadedModel(model, "x"))
+    loaded = sources.load_model("smollm2-135m", dtype=torch.float16)
+    assert loaded.model is model and not (tmp_path / sources.CONVERTED).exists()
