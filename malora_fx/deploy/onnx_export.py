@@ -36,7 +36,14 @@ from torch.export import Dim
 from ..adapters.run_dir import apply_run_adapters, read_run
 from ..errors import MaloraError
 from ..fileio import atomic_directory
-from ..graph.cached_decoder import cache_geometry, capture_decoder, decoder_dynamic_shapes, decoder_names, is_decoder
+from ..graph.cached_decoder import (
+    cache_geometry,
+    capture_decoder,
+    decoder_dynamic_shapes,
+    decoder_names,
+    export_decoder_program,
+    is_decoder,
+)
 from ..passes import FUSED_ATTR
 from .adapter_file import adapter_parameters, make_initializers_overridable
 from .genai_folder import write_genai_config
@@ -90,14 +97,20 @@ def export_run(
         info, loaded = read_run(run_dir)
         model = loaded.model.to(dt).eval()
     decoder = bool(cache) and is_decoder(model)
+    adapted = not base_only
+    program = None  # a base-only decoder goes to torch.onnx as torch.export made it: nothing to rewrite
     with clock("capture"):
-        if decoder:
+        if decoder and not adapted:
+            program, example = export_decoder_program(model, dt)
+            gm = program.module()
+            dynamic = None
+            input_names, output_names = decoder_names(cache_geometry(model.config)[0])
+        elif decoder:
             gm, example = capture_decoder(model, dt)
             dynamic = decoder_dynamic_shapes(example)
             input_names, output_names = decoder_names(cache_geometry(model.config)[0])
         else:
             gm, example, dynamic, input_names, output_names = _capture_plain(model)
-    adapted = not base_only
     switchable = bool(switchable) and adapted
     if adapted:
         with clock("adapters"):
@@ -124,7 +137,7 @@ def export_run(
         adapter_parameters=adapter_parameters(gm) if switchable else {},
         **(decoder_meta(model.config) if decoder else {}),
     )
-    module = gm if decoder else _EncoderOutputs(gm, input_names, output_names)
+    module = program or (gm if decoder else _EncoderOutputs(gm, input_names, output_names))
     out_dir = Path(out_dir)
     _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer, model.config, clock)
     return out_dir
@@ -269,7 +282,7 @@ class _EncoderOutputs(nn.Module):
 
 
 def _write_export(
-    module: nn.Module,
+    module: nn.Module | torch.export.ExportedProgram,
     gm: nn.Module,
     example,
     dynamic,
@@ -279,15 +292,17 @@ def _write_export(
     config=None,
     clock: StageClock | None = None,
 ) -> None:
-    """Export ``module`` (``gm`` or a wrapper of it) into a temporary directory, check it, rename it to ``out_dir``.
+    """Export ``module`` (``gm``, a wrapper of it, or the program ``gm`` came from) into a temporary directory,
+    check it, rename it to ``out_dir``.
 
     ``torch.onnx.export`` runs without its own optimizer; :func:`~malora_fx.deploy.onnx_passes.optimize_onnx`
     cleans the graph instead (same result, a fraction of the time: see that module). A decoder with a
     KV cache (``config`` given) also gets its ``genai_config.json``.
     """
     clock = clock or StageClock()
-    for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
-        sub.training = False
+    if isinstance(module, nn.Module):
+        for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
+            sub.training = False
     with atomic_directory(out_dir) as tmp:
         with clock("torch.onnx"):
             program = torch.onnx.export(

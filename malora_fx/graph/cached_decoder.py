@@ -97,15 +97,27 @@ def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+def export_decoder_program(
+    model: nn.Module, dtype: torch.dtype = torch.float32
+) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """``torch.export`` of :class:`DecoderWithCache` around ``model``, and its example inputs.
+
+    :func:`capture_decoder` turns it into a GraphModule for the passes; an export with nothing to
+    rewrite (base only) hands it to ``torch.onnx.export`` as it is, which saves tracing it again.
+    """
+    wrapper = DecoderWithCache(model).eval()
+    example = decoder_example(model.config, dtype)
+    exported = torch.export.export(wrapper, (), example, dynamic_shapes=decoder_dynamic_shapes(example), strict=False)
+    return exported, example
+
+
 def capture_decoder(model: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Capture a causal LM with its KV cache; module names are those of ``model``.
 
     Returns the GraphModule and the example inputs it was captured with
     (:func:`decoder_example`), which an ONNX export reuses.
     """
-    wrapper = DecoderWithCache(model).eval()
-    example = decoder_example(model.config, dtype)
-    exported = torch.export.export(wrapper, (), example, dynamic_shapes=decoder_dynamic_shapes(example), strict=False)
+    exported, example = export_decoder_program(model, dtype)
     gm = exported.module()
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")

@@ -94,6 +94,22 @@ def assert_cached_decode_matches(gen, gm, ids, past, steps: int) -> None:
         assert np.abs(logits[:, -1] - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_base_only_decoder_export_matches_the_base_model(tmp_path):
+    """--base-only hands torch.export's program straight to torch.onnx: the base model's logits, with cache."""
+    run = make_run(tmp_path / "run", "tiny-llama", "malora")
+    out = export_run(run, tmp_path / "base", base_only=True)
+    manifest = ExportManifest.read(out)
+    assert manifest.method is None and manifest.kv_cache and not manifest.fused
+    base = tiny("tiny-llama")[0].eval()
+    gen = OrtGenerator(out, "cpu")
+    ids = np.random.default_rng(4).integers(0, 258, size=(2, 5))
+    logits, past = gen.step(ids, np.ones_like(ids), np.tile(np.arange(5), (2, 1)), gen.empty_past(2))
+    with torch.no_grad():
+        ref = base(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert_cached_decode_matches(gen, lambda **kw: base(**kw), ids, past, steps=3)
+
+
 def test_decoder_export_without_ort_fusions_is_plain_onnx(tmp_path):
     """--no-ort-fusions: standard ONNX ops only, the same logits as the fused graph (1e-5 relative)."""
     run = make_run(tmp_path / "run", "tiny-llama", "malora")
