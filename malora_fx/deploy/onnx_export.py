@@ -100,15 +100,14 @@ def export_run(
     adapted = not base_only
     program = None  # a base-only decoder goes to torch.onnx as torch.export made it: nothing to rewrite
     with clock("capture"):
+        if decoder:
+            input_names, output_names = decoder_names(cache_geometry(model.config)[0])
         if decoder and not adapted:
             program, example = export_decoder_program(model, dt)
-            gm = program.module()
-            dynamic = None
-            input_names, output_names = decoder_names(cache_geometry(model.config)[0])
+            gm, dynamic = program.module(), None
         elif decoder:
             gm, example = capture_decoder(model, dt)
             dynamic = decoder_dynamic_shapes(example)
-            input_names, output_names = decoder_names(cache_geometry(model.config)[0])
         else:
             gm, example, dynamic, input_names, output_names = _capture_plain(model)
     switchable = bool(switchable) and adapted

@@ -178,9 +178,8 @@ def _load_packaged(name: str, dtype: torch.dtype) -> LoadedModel:
         loaded = _load_directory(folder / CONVERTED, dtype)
     else:
         loaded = _load_gguf(folder / entry, dtype)
-        loaded.source = name
         if dtype == torch.float32:  # the cache holds full-precision weights only
-            _cache_converted(loaded, folder / CONVERTED)
+            _cache_converted(name, loaded, folder / CONVERTED)
     loaded.source = name
     return loaded
 
@@ -188,12 +187,12 @@ def _load_packaged(name: str, dtype: torch.dtype) -> LoadedModel:
 CONVERTED = "converted"  # the de-quantised transformers directory beside a packaged GGUF file
 
 
-def _cache_converted(loaded: LoadedModel, out: Path) -> None:
+def _cache_converted(name: str, loaded: LoadedModel, out: Path) -> None:
     """:func:`write_transformers_dir`, as a cache: a read-only or full disk only costs the next load time."""
     try:
         write_transformers_dir(loaded, out)
     except OSError as exc:
-        logger.warning("could not cache %s as a transformers directory: %s", loaded.source, first_line(exc))
+        logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
 
 
 def write_transformers_dir(loaded: LoadedModel, out: Path) -> None:
