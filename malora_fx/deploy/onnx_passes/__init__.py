@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from .cleanup import cleanup
+from .gqa_attention import fuse_group_query_attention
 from .ort_fusions import fuse_for_ort
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 # (name, pass, emits onnxruntime contrib ops)
 EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult], bool]] = [
     ("cleanup", cleanup, False),
+    ("gqa_attention", fuse_group_query_attention, True),
     ("ort_fusions", fuse_for_ort, True),
 ]
 

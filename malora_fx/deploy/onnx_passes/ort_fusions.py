@@ -9,11 +9,11 @@ cleaned). What it matches and produces (domain ``com.microsoft``):
 * a residual ``Add`` feeding such a norm → ``SkipSimplifiedLayerNormalization``;
 * the same for LayerNorm → ``SkipLayerNormalization``.
 
-Not fused: rotary embeddings (onnxscript's rotary rule alone yields an intermediate
-``ai.onnxruntime._fusion`` function, not onnxruntime's ``RotaryEmbedding`` kernel; its cos/sin-cache
-rule, which would, does not match our export) and attention (the exported scaled-dot-product
-attention, with its repeat-kv ``Expand`` and ``Where`` mask, matches none of onnxscript's SDPA / GQA
-patterns).
+Not fused here: attention (onnxscript's SDPA / GQA patterns do not match the exported attention
+with its repeat-kv ``Expand`` and ``Where`` mask; :mod:`.gqa_attention` maps it to
+``GroupQueryAttention`` instead) and rotary embeddings (onnxscript's rotary rule alone yields an
+intermediate ``ai.onnxruntime._fusion`` function, not onnxruntime's ``RotaryEmbedding`` kernel; its
+cos/sin-cache rule, which would, does not match our export).
 
 ``SimplifiedLayerNormalization`` lives in onnxruntime's registration of the default ONNX domain,
 unknown to ``onnx.checker``: :func:`register_checker_schemas` declares it so the export's full
