@@ -49,7 +49,7 @@ from .adapter_file import adapter_parameters, make_initializers_overridable
 from .genai_folder import write_genai_config
 from .manifest import ExportManifest, torch_dtype
 from .merge_lower import lower, merge
-from .onnx_passes import optimize_onnx
+from .onnx_passes import MAX_POSITIONS_KEY, optimize_onnx
 from .onnx_passes.ort_fusions import register_checker_schemas
 from .stage_clock import StageClock
 
@@ -320,6 +320,8 @@ def _write_export(
         if program is None:  # only when torch.onnx.export is given a file name
             raise MaloraError("torch.onnx.export returned no ONNX program")
         with clock("onnx passes"):
+            if getattr(config, "max_position_embeddings", None):  # the rotary cache's length
+                program.model.meta[MAX_POSITIONS_KEY] = int(config.max_position_embeddings)
             optimize_onnx(program.model, ort_fusions=manifest.ort_fusions)
         with clock("save"):
             _save_checked(program, gm, manifest, tmp, tokenizer, config)

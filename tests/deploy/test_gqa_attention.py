@@ -96,6 +96,8 @@ def test_every_layers_attention_becomes_one_gqa_node_with_the_same_logits(family
     fused = model.config.num_hidden_layers - windowed.count("sliding_attention")  # a windowed cache stays plain
     assert fused >= 1 and ops.count(("com.microsoft", "GroupQueryAttention")) == fused
     assert ops.count(("", "Softmax")) == model.config.num_hidden_layers - fused
+    rotary = 0 if family == "gpt2" else 2 * model.config.num_hidden_layers  # queries and keys of every layer
+    assert ops.count(("com.microsoft", "RotaryEmbedding")) == rotary and ("", "Neg") not in ops
     assert_left_padded_decode_matches(OrtGenerator(out, "cpu"), model)
 
 

@@ -16,12 +16,16 @@ import onnx_ir as ir
 from .cleanup import cleanup
 from .gqa_attention import fuse_group_query_attention
 from .ort_fusions import fuse_for_ort
+from .rotary_embedding import MAX_POSITIONS_KEY, fuse_rotary_embedding
+
+__all__ = ["EXPORT_PASSES", "MAX_POSITIONS_KEY", "PassReport", "count_nodes", "optimize_onnx"]
 
 logger = logging.getLogger(__name__)
 
 # (name, pass, emits onnxruntime contrib ops)
 EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult], bool]] = [
     ("cleanup", cleanup, False),
+    ("rotary_embedding", fuse_rotary_embedding, True),
     ("gqa_attention", fuse_group_query_attention, True),
     ("ort_fusions", fuse_for_ort, True),
 ]

@@ -44,6 +44,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from ._values import producer_of, replace_value
+
 logger = logging.getLogger(__name__)
 
 DOMAIN = "com.microsoft"
@@ -79,17 +81,12 @@ def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
     return None
 
 
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op_type and node.domain == "" else None
-
-
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
     tensor = value.const_value
     if tensor is None:
-        node = _producer(value, "Constant")
+        node = producer_of(value, "Constant")
         attr = node.attributes.get("value") if node is not None else None
         tensor = attr.value if attr is not None else None
     return None if tensor is None else tensor.numpy()
@@ -102,7 +99,7 @@ def _scalar(value: ir.Value) -> float | None:
 
 def _unscaled(value: ir.Value) -> tuple[ir.Value, float] | None:
     """``(x, c)`` for ``value = Mul(x, c)`` with a constant scalar ``c``; ``(value, 1)`` for anything else."""
-    node = _producer(value, "Mul")
+    node = producer_of(value, "Mul")
     if node is None:
         return value, 1.0
     for x, c in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
@@ -213,10 +210,10 @@ class _ScoreSide:
 
 def _score_side(softmax: ir.Node) -> _ScoreSide | None:
     scores, mask = softmax.inputs[0], None
-    add = _producer(scores, "Add")
+    add = producer_of(scores, "Add")
     if add is not None:
         scores, mask = add.inputs[0], add.inputs[1]
-    qk = _producer(scores, "MatMul")
+    qk = producer_of(scores, "MatMul")
     if qk is None or qk.inputs[0] is None or qk.inputs[1] is None:
         return None
     query, key_t = _unscaled(qk.inputs[0]), _unscaled(qk.inputs[1])
@@ -339,7 +336,7 @@ def _lengths(builder: _Builder, mask_input: ir.Value, past_key: ir.Value) -> _Le
 def _flatten_heads(builder: _Builder, x: ir.Value) -> list[ir.Node]:
     """Nodes turning ``[b, n, s, h]`` into ``[b, s, n * h]``; a ``Transpose`` that made ``x`` is undone instead."""
     flat_shape = builder.const(np.array([0, 0, -1], np.int64), "flat")
-    made_by = _producer(x, "Transpose")
+    made_by = producer_of(x, "Transpose")
     perm = made_by.attributes.get("perm") if made_by is not None else None
     if perm is not None and list(perm.value) == [0, 2, 1, 3] and made_by is not None:
         return [builder.node("Reshape", [made_by.inputs[0], flat_shape])]
@@ -358,22 +355,12 @@ def _finite_bias(builder: _Builder, mask: ir.Value, cache: dict[int, ir.Value]) 
     return [node], node.outputs[0]
 
 
-def _insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+def _insert_afterproducer_of(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
     producer = value.producer()
     if producer is None:
         graph.insert_before(next(iter(graph)), nodes)
     else:
         graph.insert_after(producer, nodes)
-
-
-def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Send every use of ``old`` to ``new``, which takes its type and shape; a graph output keeps its name."""
-    name = old.name
-    new.type, new.shape = old.type, old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if new.is_graph_output():
-        old.name = None
-        new.name = name
 
 
 @functools.cache
@@ -421,7 +408,7 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
         if match.mask is not None:
             nodes, bias = _finite_bias(builder, match.mask, biases)
             if nodes:
-                _insert_after_producer(graph, match.mask, nodes)
+                _insert_afterproducer_of(graph, match.mask, nodes)
         flat = [_flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
         attention = builder.node(
             "GroupQueryAttention",
@@ -439,9 +426,9 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
             domain=DOMAIN,
         )
         graph.insert_before(match.anchor, [n for nodes in flat for n in nodes] + [attention])
-        _replace(graph, match.output, attention.outputs[0])
-        _replace(graph, match.present_key, attention.outputs[1])
-        _replace(graph, match.present_value, attention.outputs[2])
+        replace_value(match.output, attention.outputs[0])
+        replace_value(match.present_key, attention.outputs[1])
+        replace_value(match.present_value, attention.outputs[2])
     model.opset_imports.setdefault(DOMAIN, 1)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
