@@ -75,7 +75,7 @@ class ExportManifest:
     kv_cache: bool = False
     switchable: bool = False
     fused: bool = False
-    ort_fusions: bool = False  # onnxruntime contrib ops (GroupQueryAttention, fused norms) in the graph
+    ort_fusions: bool = False  # onnxruntime contrib ops (GroupQueryAttention, RotaryEmbedding, norms) in the graph
     adapter_parameters: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shapes stored as tuples
     num_layers: int | None = None
     num_kv_heads: int | None = None

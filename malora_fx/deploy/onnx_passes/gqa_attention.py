@@ -22,7 +22,8 @@ the grouping GroupQueryAttention uses)/``Squeeze``/full ``Slice``, and the stati
 requirement). Anything else is left alone.
 
 How it is exact for every batch layout the runners feed (left padding included): rotary stays
-outside (``do_rotary=0``, the graph's own rotary ops on its ``position_ids``), every row is told
+outside (``do_rotary=0``; :mod:`.rotary_embedding` fuses it on the ``position_ids`` input, which
+GroupQueryAttention's own rotary would ignore for a left-padded first prompt), every row is told
 it holds all ``T`` positions (``seqlens_k = T - 1``, ``total_sequence_length = T``, ``T`` the width
 of the ``attention_mask`` input), and the model's own additive mask goes in as ``attention_bias``,
 its ``-inf`` clamped to the dtype's lowest finite value: a fully masked row (a padding position)
