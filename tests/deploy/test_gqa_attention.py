@@ -56,6 +56,13 @@ def _ops(out) -> list[tuple[str, str]]:
     return [(n.domain, n.op_type) for n in onnx.load(str(out / "model.onnx")).graph.node]
 
 
+def _fed_by(out, op_types: tuple[str, ...], first: int) -> set[str]:
+    """The op types producing the first ``first`` inputs of every node of ``op_types``."""
+    graph = onnx.load(str(out / "model.onnx")).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    return {made_by[i] for n in graph.node if n.op_type in op_types for i in n.input[:first] if i in made_by}
+
+
 def _reference_next_logits(model, rows: list[list[int]]) -> np.ndarray:
     """Each row's last-position logits, run alone and unpadded (the independent reference)."""
     with torch.no_grad():
@@ -98,6 +105,8 @@ def test_every_layers_attention_becomes_one_gqa_node_with_the_same_logits(family
     assert ops.count(("", "Softmax")) == model.config.num_hidden_layers - fused
     rotary = 0 if family == "gpt2" else 2 * model.config.num_hidden_layers  # queries and keys of every layer
     assert ops.count(("com.microsoft", "RotaryEmbedding")) == rotary and ("", "Neg") not in ops
+    if family in ("llama", "qwen2", "mistral"):  # q, k, v go from their projections to the kernels unreshaped
+        assert _fed_by(out, ("GroupQueryAttention", "RotaryEmbedding"), 3) <= {"MatMul", "Add", "RotaryEmbedding"}
     assert_left_padded_decode_matches(OrtGenerator(out, "cpu"), model)
 
 

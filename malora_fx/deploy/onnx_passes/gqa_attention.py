@@ -334,15 +334,43 @@ def _lengths(builder: _Builder, mask_input: ir.Value, past_key: ir.Value) -> _Le
     return _Lengths(nodes, seqlens_k, total.outputs[0], query_seqlens)
 
 
-def _flatten_heads(builder: _Builder, x: ir.Value) -> list[ir.Node]:
-    """Nodes turning ``[b, n, s, h]`` into ``[b, s, n * h]``; a ``Transpose`` that made ``x`` is undone instead."""
+def _unsplit_heads(x: ir.Value) -> ir.Value | None:
+    """``y [b, s, n·h]`` when ``x [b, n, s, h]`` is ``Transpose(Reshape(y), [0, 2, 1, 3])``, else None."""
+    transpose = producer_of(x, "Transpose")
+    perm = transpose.attributes.get("perm") if transpose is not None else None
+    if transpose is None or perm is None or list(perm.value) != [0, 2, 1, 3]:
+        return None
+    reshape = producer_of(transpose.inputs[0], "Reshape")
+    y = reshape.inputs[0] if reshape is not None else None
+    y_dims, x_dims = _dims(y, 3), _dims(x, 4)
+    if y is None or y_dims is None or x_dims is None or None in (y_dims[2], x_dims[1], x_dims[3]):
+        return None
+    return y if y_dims[2] == x_dims[1] * x_dims[3] else None  # type: ignore[operator]  # checked not None
+
+
+def _flatten_heads(builder: _Builder, x: ir.Value) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes giving ``x [b, n, s, h]`` as ``[b, s, n·h]``, GroupQueryAttention's layout.
+
+    When ``x`` is the projection output split into heads, that output is used as it is; when it is a
+    ``RotaryEmbedding`` of such a split, the rotary is redone on the projection output (its 3-D form).
+    """
+    flat = _unsplit_heads(x)
+    if flat is not None:
+        return [], flat
+    rotary = x.producer()
+    if rotary is not None and (rotary.domain, rotary.op_type) == (DOMAIN, "RotaryEmbedding"):
+        source = rotary.inputs[0]
+        flat = _unsplit_heads(source) if source is not None else None
+        dims = _dims(source, 4)
+        if flat is not None and dims is not None and dims[1] is not None and dims[3] is not None:
+            attributes = {"interleaved": rotary.attributes.get_int("interleaved", 0)}
+            attributes |= {"num_heads": dims[1], "rotary_embedding_dim": dims[3]}
+            node = builder.node("RotaryEmbedding", [flat, *rotary.inputs[1:]], attributes, domain=DOMAIN)
+            return [node], node.outputs[0]
     flat_shape = builder.const(np.array([0, 0, -1], np.int64), "flat")
-    made_by = producer_of(x, "Transpose")
-    perm = made_by.attributes.get("perm") if made_by is not None else None
-    if perm is not None and list(perm.value) == [0, 2, 1, 3] and made_by is not None:
-        return [builder.node("Reshape", [made_by.inputs[0], flat_shape])]
     transpose = builder.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
-    return [transpose, builder.node("Reshape", [transpose.outputs[0], flat_shape])]
+    reshape = builder.node("Reshape", [transpose.outputs[0], flat_shape])
+    return [transpose, reshape], reshape.outputs[0]
 
 
 def _finite_bias(builder: _Builder, mask: ir.Value, cache: dict[int, ir.Value]) -> tuple[list[ir.Node], ir.Value]:
@@ -413,7 +441,7 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
         flat = [_flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
         attention = builder.node(
             "GroupQueryAttention",
-            [flat[0][-1].outputs[0], flat[1][-1].outputs[0], flat[2][-1].outputs[0]]
+            [value for _, value in flat]
             + [match.past_key, match.past_value, lengths.seqlens_k, lengths.total, None, None, None, bias]
             + [None] * 5
             + [lengths.query_seqlens],
@@ -426,7 +454,7 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
             outputs=3,
             domain=DOMAIN,
         )
-        graph.insert_before(match.anchor, [n for nodes in flat for n in nodes] + [attention])
+        graph.insert_before(match.anchor, [n for nodes, _ in flat for n in nodes] + [attention])
         replace_value(match.output, attention.outputs[0])
         replace_value(match.present_key, attention.outputs[1])
         replace_value(match.present_value, attention.outputs[2])
