@@ -25,10 +25,15 @@ How it is exact for every batch layout the runners feed (left padding included):
 outside (``do_rotary=0``; :mod:`.rotary_embedding` fuses it on the ``position_ids`` input, which
 GroupQueryAttention's own rotary would ignore for a left-padded first prompt), every row is told
 it holds all ``T`` positions (``seqlens_k = T - 1``, ``total_sequence_length = T``, ``T`` the width
-of the ``attention_mask`` input), and the model's own additive mask goes in as ``attention_bias``,
+of the ``attention_mask`` input; ``query_seqlens = T - past``, without which onnxruntime refuses a
+batch of multi-token steps after a past), and the model's own additive mask goes in as ``attention_bias``,
 its ``-inf`` clamped to the dtype's lowest finite value: a fully masked row (a padding position)
 then averages its keys instead of giving NaN that would reach later layers, and is never read by a
 real token. GroupQueryAttention's causal mask agrees with the model's (it is implied by it).
+
+Q, K and V go in as ``[b, s, heads·head]``: when they are a projection output split into heads
+(``Transpose(Reshape(y))``) the kernel reads ``y`` itself, and a ``RotaryEmbedding`` of such a split
+is redone on ``y`` (its 3-D form, with ``num_heads``), so no Transpose/Reshape pair is left around it.
 
 Not matched: encoders (no past/present), cross-attention, graphs without an ``attention_mask``
 input, and layers whose cache is a sliding window (Mistral with ``sliding_window`` set, Gemma 3's
@@ -115,6 +120,10 @@ def _shape_op_keeps_heads(node: ir.Node) -> bool:
     if node.op_type == "Unsqueeze":
         axes = _const(node.inputs[1]) if len(node.inputs) > 1 else None
         return axes is not None and axes.reshape(-1).tolist() == [2]
+    if node.op_type == "Transpose":  # Kᵀ: batch (and, in 4-D, head) axes stay where they are
+        perm = node.attributes.get("perm")
+        order = list(perm.value) if perm is not None else []
+        return len(order) in (3, 4) and order[0] == 0 and (len(order) == 3 or order[1] == 1)
     if node.op_type == "Slice":
         starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
         steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
@@ -384,7 +393,7 @@ def _finite_bias(builder: _Builder, mask: ir.Value, cache: dict[int, ir.Value]) 
     return [node], node.outputs[0]
 
 
-def _insert_afterproducer_of(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+def _insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
     producer = value.producer()
     if producer is None:
         graph.insert_before(next(iter(graph)), nodes)
@@ -437,7 +446,7 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
         if match.mask is not None:
             nodes, bias = _finite_bias(builder, match.mask, biases)
             if nodes:
-                _insert_afterproducer_of(graph, match.mask, nodes)
+                _insert_after_producer(graph, match.mask, nodes)
         flat = [_flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
         attention = builder.node(
             "GroupQueryAttention",
