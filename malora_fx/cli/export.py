@@ -52,8 +52,9 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--no-ort-fusions",
         action="store_true",
-        help="keep standard ONNX ops: no onnxruntime kernels for attention (GroupQueryAttention), rotary, RMSNorm "
-        "/ LayerNorm and their residual adds (SkipSimplifiedLayerNormalization), for runtimes other than onnxruntime",
+        help="keep standard ONNX ops: no onnxruntime kernels for attention (GroupQueryAttention, "
+        "MultiHeadAttention), rotary, RMSNorm / LayerNorm and their residual adds "
+        "(SkipSimplifiedLayerNormalization), for runtimes other than onnxruntime",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=cmd_export)

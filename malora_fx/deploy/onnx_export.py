@@ -84,9 +84,9 @@ def export_run(
     comparison with the lowered form. ``fuse`` concatenates each adapter's
     router and shared down-projection with the base GEMMs reading the same
     input (:func:`malora_fx.lower`); base-only and switchable exports have
-    nothing it fuses. ``ort_fusions`` maps a decoder's attention and rotary to ``GroupQueryAttention``
-    and ``RotaryEmbedding`` (:mod:`~malora_fx.deploy.onnx_passes`) and RMSNorm / LayerNorm and their residual
-    adds to onnxruntime's fused kernels (:mod:`~malora_fx.deploy.onnx_passes.ort_fusions`); ``False``
+    nothing it fuses. ``ort_fusions`` maps attention to ``GroupQueryAttention`` (with a cache) or
+    ``MultiHeadAttention`` (without), rotary to ``RotaryEmbedding``, and RMSNorm / LayerNorm and their
+    residual adds to onnxruntime's fused norms (:mod:`~malora_fx.deploy.onnx_passes`); ``False``
     keeps standard ONNX ops for other runtimes. ``clock`` (a :class:`StageClock`) records each
     stage's seconds and says it as it ends: load, capture, adapters, torch.onnx, onnx passes, save.
     """

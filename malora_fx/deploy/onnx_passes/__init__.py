@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from .cleanup import cleanup
 from .gqa_attention import fuse_group_query_attention
+from .mha_attention import fuse_multi_head_attention
 from .ort_fusions import fuse_for_ort
 from .rotary_embedding import MAX_POSITIONS_KEY, fuse_rotary_embedding
 
@@ -27,6 +28,7 @@ EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult], bool]
     ("cleanup", cleanup, False),
     ("rotary_embedding", fuse_rotary_embedding, True),
     ("gqa_attention", fuse_group_query_attention, True),
+    ("mha_attention", fuse_multi_head_attention, True),
     ("ort_fusions", fuse_for_ort, True),
 ]
 

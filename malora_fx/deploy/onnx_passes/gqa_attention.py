@@ -50,14 +50,24 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from ._attention import (
+    DOMAIN,
+    SHAPE_OPS,
+    NodeBuilder,
+    OutputSide,
+    finite_bias,
+    flatten_heads,
+    insert_after_producer,
+    output_side,
+    shape_op_keeps_heads,
+    static_dims,
+    unscaled,
+)
 from ._values import producer_of, replace_value
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = "com.microsoft"
-SHAPE_OPS = frozenset({"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Slice"})
 MASK_INPUT = "attention_mask"
-FULL_SLICE_END = 2**31 - 1  # an end at least this large keeps the whole axis
 
 
 @dataclass
@@ -80,63 +90,6 @@ class AttentionMatch:
     head_size: int
 
 
-def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
-    users = value.consumers()
-    if len(users) == 1 and users[0].op_type == op_type and users[0].domain == "":
-        return users[0]
-    return None
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        node = producer_of(value, "Constant")
-        attr = node.attributes.get("value") if node is not None else None
-        tensor = attr.value if attr is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
-def _scalar(value: ir.Value) -> float | None:
-    array = _const(value)
-    return float(array.reshape(())) if array is not None and array.size == 1 else None
-
-
-def _unscaled(value: ir.Value) -> tuple[ir.Value, float] | None:
-    """``(x, c)`` for ``value = Mul(x, c)`` with a constant scalar ``c``; ``(value, 1)`` for anything else."""
-    node = producer_of(value, "Mul")
-    if node is None:
-        return value, 1.0
-    for x, c in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-        factor = _scalar(c) if c is not None else None
-        if factor is not None and x is not None:
-            return x, factor
-    return None
-
-
-def _shape_op_keeps_heads(node: ir.Node) -> bool:
-    """Whether a shape op on the repeat-kv path is one :mod:`this pass <.gqa_attention>` understands."""
-    if node.op_type == "Unsqueeze":
-        axes = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-        return axes is not None and axes.reshape(-1).tolist() == [2]
-    if node.op_type == "Transpose":  # Kᵀ: batch (and, in 4-D, head) axes stay where they are
-        perm = node.attributes.get("perm")
-        order = list(perm.value) if perm is not None else []
-        return len(order) in (3, 4) and order[0] == 0 and (len(order) == 3 or order[1] == 1)
-    if node.op_type == "Slice":
-        starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
-        steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
-        return (
-            starts is not None
-            and ends is not None
-            and bool((starts == 0).all())
-            and bool((ends >= FULL_SLICE_END).all())
-            and (steps is None or bool((steps == 1).all()))
-        )
-    return True
-
-
 @dataclass(frozen=True)
 class _Cache:
     """A KV-cache ``Concat(past, new)`` whose output is the present."""
@@ -154,7 +107,7 @@ def _cache_concat(value: ir.Value | None) -> _Cache | None:
             return None
         if node.op_type == "Concat":
             break
-        if node.op_type not in SHAPE_OPS or not _shape_op_keeps_heads(node):
+        if node.op_type not in SHAPE_OPS or not shape_op_keeps_heads(node):
             return None
         value = node.inputs[0]
     else:
@@ -164,48 +117,9 @@ def _cache_concat(value: ir.Value | None) -> _Cache | None:
     present = node.outputs[0]
     if past is None or new is None or not past.is_graph_input() or not present.is_graph_output():
         return None
-    if axis is None or axis.value not in (-2, 2) or _dims(present, 4) is None:
+    if axis is None or axis.value not in (-2, 2) or static_dims(present, 4) is None:
         return None
     return _Cache(past, new, present)
-
-
-def _dims(value: ir.Value | None, rank: int) -> list[int | None] | None:
-    shape = value.shape if value is not None else None
-    if shape is None or len(shape) != rank:
-        return None
-    return [d if isinstance(d, int) else None for d in shape]
-
-
-@dataclass(frozen=True)
-class _OutputSide:
-    """``Reshape(Transpose(Reshape?(MatMul(probs, V'))))``: the product with V back to ``[b, s, hidden]``."""
-
-    weighted: ir.Node  # MatMul(probs, V')
-    reshaped: ir.Value | None  # the Reshape? output, which must stay [b, heads, s, head]
-    reshape: ir.Node  # its output is the region's output
-
-
-def _output_side(softmax: ir.Node) -> _OutputSide | None:
-    probs = softmax.outputs[0]
-    users = {n.op_type: n for n in probs.consumers() if n.domain == ""}
-    if len(probs.consumers()) == 2 and set(users) == {"IsNaN", "Where"}:  # NaN (fully masked rows) → 0
-        isnan, where = users["IsNaN"], users["Where"]
-        if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs:
-            return None
-        probs = where.outputs[0]
-    weighted = _only_consumer(probs, "MatMul")
-    if weighted is None or weighted.inputs[0] is not probs:
-        return None
-    heads_out, reshaped = weighted.outputs[0], None
-    same_shape = _only_consumer(heads_out, "Reshape")  # some models re-view [b, heads, s, head] as itself
-    if same_shape is not None:
-        heads_out = reshaped = same_shape.outputs[0]
-    transpose = _only_consumer(heads_out, "Transpose")
-    perm = transpose.attributes.get("perm") if transpose is not None else None
-    if transpose is None or perm is None or list(perm.value) != [0, 2, 1, 3]:
-        return None
-    reshape = _only_consumer(transpose.outputs[0], "Reshape")
-    return _OutputSide(weighted, reshaped, reshape) if reshape is not None else None
 
 
 @dataclass(frozen=True)
@@ -226,17 +140,17 @@ def _score_side(softmax: ir.Node) -> _ScoreSide | None:
     qk = producer_of(scores, "MatMul")
     if qk is None or qk.inputs[0] is None or qk.inputs[1] is None:
         return None
-    query, key_t = _unscaled(qk.inputs[0]), _unscaled(qk.inputs[1])
+    query, key_t = unscaled(qk.inputs[0]), unscaled(qk.inputs[1])
     key = _cache_concat(key_t[0]) if key_t is not None else None
     if query is None or key_t is None or key is None:
         return None
     return _ScoreSide(query[0], query[1] * key_t[1], mask, key)
 
 
-def _geometry(scores: _ScoreSide, value: _Cache, out: _OutputSide) -> tuple[int, int, int] | None:
+def _geometry(scores: _ScoreSide, value: _Cache, out: OutputSide) -> tuple[int, int, int] | None:
     """(heads, kv heads, head size) when the static shapes are those of grouped attention, else None."""
-    q, k, v = _dims(scores.query, 4), _dims(scores.key.new, 4), _dims(value.new, 4)
-    flat = _dims(out.reshape.outputs[0], 3)
+    q, k, v = static_dims(scores.query, 4), static_dims(scores.key.new, 4), static_dims(value.new, 4)
+    flat = static_dims(out.reshape.outputs[0], 3)
     if q is None or k is None or v is None or flat is None:
         return None
     heads, head_size, kv_heads = q[1], q[3], k[1]
@@ -244,12 +158,12 @@ def _geometry(scores: _ScoreSide, value: _Cache, out: _OutputSide) -> tuple[int,
         return None
     if k[3] != head_size or [v[1], v[3]] != [kv_heads, head_size]:
         return None
-    reshaped = _dims(out.reshaped, 4) if out.reshaped is not None else q
+    reshaped = static_dims(out.reshaped, 4) if out.reshaped is not None else q
     if reshaped is None or [reshaped[1], reshaped[3]] != [heads, head_size]:
         return None
     if heads % kv_heads or head_size % 8 or flat[2] != heads * head_size:  # onnxruntime: head size 8k
         return None
-    mask = _dims(scores.mask, 4) if scores.mask is not None else [None, 1]
+    mask = static_dims(scores.mask, 4) if scores.mask is not None else [None, 1]
     if mask is None or mask[1] not in (1, heads):
         return None
     return heads, kv_heads, head_size
@@ -260,7 +174,7 @@ def match_attention(softmax: ir.Node) -> AttentionMatch | None:
     axis = softmax.attributes.get("axis")
     if softmax.domain != "" or (axis is not None and axis.value not in (-1, 3)):
         return None
-    out, scores = _output_side(softmax), _score_side(softmax)
+    out, scores = output_side(softmax), _score_side(softmax)
     value = _cache_concat(out.weighted.inputs[1]) if out is not None else None
     if out is None or scores is None or value is None or value.present is scores.key.present:
         return None
@@ -286,30 +200,6 @@ def match_attention(softmax: ir.Node) -> AttentionMatch | None:
     )
 
 
-class _Builder:
-    """Adds nodes and constants to ``graph`` with unique names (``gqa.*``)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.graph = graph
-        self.count = 0
-
-    def name(self, what: str) -> str:
-        self.count += 1
-        return f"gqa.{what}_{self.count}"
-
-    def const(self, array: np.ndarray, what: str) -> ir.Value:
-        value = ir.Value(name=self.name(what), const_value=ir.tensor(array))
-        self.graph.register_initializer(value)
-        return value
-
-    def node(self, op: str, inputs, attributes=None, *, outputs: int = 1, domain: str = "") -> ir.Node:
-        attrs = ir.convenience.convert_attributes(attributes or {})
-        node = ir.Node(domain, op, inputs, attrs, num_outputs=outputs, name=self.name(op))
-        for out in node.outputs:
-            out.name = self.name(op.lower())
-        return node
-
-
 @dataclass
 class _Lengths:
     """GroupQueryAttention's length inputs, computed once from graph inputs (int32)."""
@@ -320,7 +210,7 @@ class _Lengths:
     query_seqlens: ir.Value  # [b]: s = T - past for every row
 
 
-def _lengths(builder: _Builder, mask_input: ir.Value, past_key: ir.Value) -> _Lengths:
+def _lengths(builder: NodeBuilder, mask_input: ir.Value, past_key: ir.Value) -> _Lengths:
     """``T`` is the width of the mask input, the past length the cache axis of one past key."""
     b = builder
     width = b.node("Shape", [mask_input], {"start": 1, "end": 2})
@@ -341,64 +231,6 @@ def _lengths(builder: _Builder, mask_input: ir.Value, past_key: ir.Value) -> _Le
     total = b.node("Squeeze", [total_1d.outputs[0], b.const(np.array([0], np.int64), "axis0")])
     nodes += [total_1d, total]
     return _Lengths(nodes, seqlens_k, total.outputs[0], query_seqlens)
-
-
-def _unsplit_heads(x: ir.Value) -> ir.Value | None:
-    """``y [b, s, n·h]`` when ``x [b, n, s, h]`` is ``Transpose(Reshape(y), [0, 2, 1, 3])``, else None."""
-    transpose = producer_of(x, "Transpose")
-    perm = transpose.attributes.get("perm") if transpose is not None else None
-    if transpose is None or perm is None or list(perm.value) != [0, 2, 1, 3]:
-        return None
-    reshape = producer_of(transpose.inputs[0], "Reshape")
-    y = reshape.inputs[0] if reshape is not None else None
-    y_dims, x_dims = _dims(y, 3), _dims(x, 4)
-    if y is None or y_dims is None or x_dims is None or None in (y_dims[2], x_dims[1], x_dims[3]):
-        return None
-    return y if y_dims[2] == x_dims[1] * x_dims[3] else None  # type: ignore[operator]  # checked not None
-
-
-def _flatten_heads(builder: _Builder, x: ir.Value) -> tuple[list[ir.Node], ir.Value]:
-    """Nodes giving ``x [b, n, s, h]`` as ``[b, s, n·h]``, GroupQueryAttention's layout.
-
-    When ``x`` is the projection output split into heads, that output is used as it is; when it is a
-    ``RotaryEmbedding`` of such a split, the rotary is redone on the projection output (its 3-D form).
-    """
-    flat = _unsplit_heads(x)
-    if flat is not None:
-        return [], flat
-    rotary = x.producer()
-    if rotary is not None and (rotary.domain, rotary.op_type) == (DOMAIN, "RotaryEmbedding"):
-        source = rotary.inputs[0]
-        flat = _unsplit_heads(source) if source is not None else None
-        dims = _dims(source, 4)
-        if flat is not None and dims is not None and dims[1] is not None and dims[3] is not None:
-            attributes = {"interleaved": rotary.attributes.get_int("interleaved", 0)}
-            attributes |= {"num_heads": dims[1], "rotary_embedding_dim": dims[3]}
-            node = builder.node("RotaryEmbedding", [flat, *rotary.inputs[1:]], attributes, domain=DOMAIN)
-            return [node], node.outputs[0]
-    flat_shape = builder.const(np.array([0, 0, -1], np.int64), "flat")
-    transpose = builder.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
-    reshape = builder.node("Reshape", [transpose.outputs[0], flat_shape])
-    return [transpose, reshape], reshape.outputs[0]
-
-
-def _finite_bias(builder: _Builder, mask: ir.Value, cache: dict[int, ir.Value]) -> tuple[list[ir.Node], ir.Value]:
-    """``Max(mask, lowest finite)``, built once per mask value."""
-    if id(mask) in cache:
-        return [], cache[id(mask)]
-    dtype = mask.dtype.numpy() if mask.dtype is not None else np.dtype(np.float32)
-    lowest = builder.const(np.array(np.finfo(dtype).min, dtype), "lowest")
-    node = builder.node("Max", [mask, lowest])
-    cache[id(mask)] = node.outputs[0]
-    return [node], node.outputs[0]
-
-
-def _insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
-    producer = value.producer()
-    if producer is None:
-        graph.insert_before(next(iter(graph)), nodes)
-    else:
-        graph.insert_after(producer, nodes)
 
 
 @functools.cache
@@ -437,17 +269,17 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
     if mask_input is None or not matches or lacking:
         model.meta["gqa_attention"] = 0
         return ir.passes.PassResult(model, False)
-    builder = _Builder(graph)
+    builder = NodeBuilder(graph, "gqa")
     lengths = _lengths(builder, mask_input, matches[0].past_key)
     graph.insert_before(next(iter(graph)), lengths.nodes)
     biases: dict[int, ir.Value] = {}
     for match in matches:
         bias = None
         if match.mask is not None:
-            nodes, bias = _finite_bias(builder, match.mask, biases)
+            nodes, bias = finite_bias(builder, match.mask, biases)
             if nodes:
-                _insert_after_producer(graph, match.mask, nodes)
-        flat = [_flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
+                insert_after_producer(graph, match.mask, nodes)
+        flat = [flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
         attention = builder.node(
             "GroupQueryAttention",
             [value for _, value in flat]
