@@ -202,3 +202,20 @@ def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]
         graph.insert_before(next(iter(graph)), nodes)
     else:
         graph.insert_after(producer, nodes)
+
+
+def kernel_inputs(
+    builder: NodeBuilder, mask: ir.Value | None, tensors: list[ir.Value], biases: dict[int, ir.Value]
+) -> tuple[list[ir.Node], list[ir.Value], ir.Value | None]:
+    """One region's ``[b, s, heads·head]`` q, k, v and finite bias.
+
+    Returns the nodes to insert before the region's anchor, the three values and the bias (None
+    without a mask). A new bias node is inserted right after the mask's producer, once per mask.
+    """
+    bias = None
+    if mask is not None:
+        nodes, bias = finite_bias(builder, mask, biases)
+        if nodes:
+            insert_after_producer(builder.graph, mask, nodes)
+    flat = [flatten_heads(builder, v) for v in tensors]
+    return [n for made, _ in flat for n in made], [value for _, value in flat], bias

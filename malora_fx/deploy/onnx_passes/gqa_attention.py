@@ -55,9 +55,7 @@ from ._attention import (
     SHAPE_OPS,
     NodeBuilder,
     OutputSide,
-    finite_bias,
-    flatten_heads,
-    insert_after_producer,
+    kernel_inputs,
     output_side,
     shape_op_keeps_heads,
     static_dims,
@@ -274,15 +272,10 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
     graph.insert_before(next(iter(graph)), lengths.nodes)
     biases: dict[int, ir.Value] = {}
     for match in matches:
-        bias = None
-        if match.mask is not None:
-            nodes, bias = finite_bias(builder, match.mask, biases)
-            if nodes:
-                insert_after_producer(graph, match.mask, nodes)
-        flat = [flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
+        made, qkv, bias = kernel_inputs(builder, match.mask, [match.query, match.key, match.value], biases)
         attention = builder.node(
             "GroupQueryAttention",
-            [value for _, value in flat]
+            qkv
             + [match.past_key, match.past_value, lengths.seqlens_k, lengths.total, None, None, None, bias]
             + [None] * 5
             + [lengths.query_seqlens],
@@ -295,7 +288,7 @@ def fuse_group_query_attention(model: ir.Model) -> ir.passes.PassResult:
             outputs=3,
             domain=DOMAIN,
         )
-        graph.insert_before(match.anchor, [n for nodes, _ in flat for n in nodes] + [attention])
+        graph.insert_before(match.anchor, made + [attention])
         replace_value(match.output, attention.outputs[0])
         replace_value(match.present_key, attention.outputs[1])
         replace_value(match.present_value, attention.outputs[2])

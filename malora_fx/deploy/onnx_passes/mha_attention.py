@@ -32,9 +32,7 @@ from ._attention import (
     DOMAIN,
     SHAPE_OPS,
     NodeBuilder,
-    finite_bias,
-    flatten_heads,
-    insert_after_producer,
+    kernel_inputs,
     output_side,
     shape_op_keeps_heads,
     static_dims,
@@ -127,19 +125,14 @@ def fuse_multi_head_attention(model: ir.Model) -> ir.passes.PassResult:
     builder = NodeBuilder(graph, "mha")
     biases: dict[int, ir.Value] = {}
     for match in matches:
-        bias = None
-        if match.mask is not None:
-            nodes, bias = finite_bias(builder, match.mask, biases)
-            if nodes:
-                insert_after_producer(graph, match.mask, nodes)
-        flat = [flatten_heads(builder, v) for v in (match.query, match.key, match.value)]
+        made, qkv, bias = kernel_inputs(builder, match.mask, [match.query, match.key, match.value], biases)
         attention = builder.node(
             "MultiHeadAttention",
-            [value for _, value in flat] + [None, None, bias],
+            qkv + [None, None, bias],
             {"num_heads": match.heads, "scale": match.scale},
             domain=DOMAIN,
         )
-        graph.insert_before(match.anchor, [n for nodes, _ in flat for n in nodes] + [attention])
+        graph.insert_before(match.anchor, made + [attention])
         replace_value(match.output, attention.outputs[0])
     model.opset_imports.setdefault(DOMAIN, 1)
     common_passes.RemoveUnusedNodesPass()(model)
