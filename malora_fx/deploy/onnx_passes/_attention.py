@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._values import producer_of
+from ._values import DOMAIN, const_array, producer_of
 
-DOMAIN = "com.microsoft"
 SHAPE_OPS = frozenset({"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Slice"})
 FULL_SLICE_END = 2**31 - 1  # an end at least this large keeps the whole axis
 
@@ -26,18 +25,6 @@ def only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
     if len(users) == 1 and users[0].op_type == op_type and users[0].domain == "":
         return users[0]
     return None
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value of an initializer or ``Constant`` output, else None."""
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        node = producer_of(value, "Constant")
-        attr = node.attributes.get("value") if node is not None else None
-        tensor = attr.value if attr is not None else None
-    return None if tensor is None else tensor.numpy()
 
 
 def const_scalar(value: ir.Value) -> float | None:
@@ -119,6 +106,34 @@ def output_side(softmax: ir.Node) -> OutputSide | None:
         return None
     reshape = only_consumer(transpose.outputs[0], "Reshape")
     return OutputSide(weighted, reshaped, reshape) if reshape is not None else None
+
+
+@dataclass(frozen=True)
+class ScoreSide:
+    """``Softmax(MatMul(Mul(Q, c1)?, Mul(Kᵀ, c2)?) + mask?)``: Q, ``c1·c2``, the mask and Kᵀ."""
+
+    query: ir.Value
+    scale: float
+    mask: ir.Value | None
+    key_t: ir.Value
+
+
+def score_side(softmax: ir.Node) -> ScoreSide | None:
+    """The scores that ``softmax`` (over the last axis) normalizes, or None when they are not ``Q·Kᵀ``."""
+    axis = softmax.attributes.get("axis")
+    if softmax.domain != "" or (axis is not None and axis.value not in (-1, 3)):
+        return None
+    scores, mask = softmax.inputs[0], None
+    add = producer_of(scores, "Add")
+    if add is not None:
+        scores, mask = add.inputs[0], add.inputs[1]
+    qk = producer_of(scores, "MatMul")
+    if qk is None or qk.inputs[0] is None or qk.inputs[1] is None:
+        return None
+    query, key_t = unscaled(qk.inputs[0]), unscaled(qk.inputs[1])
+    if query is None or key_t is None:
+        return None
+    return ScoreSide(query[0], query[1] * key_t[1], mask, key_t[0])
 
 
 class NodeBuilder:

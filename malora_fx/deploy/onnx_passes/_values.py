@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
+
+DOMAIN = "com.microsoft"  # onnxruntime's contrib ops
 
 
 def producer_of(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -19,3 +22,15 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
     if new.is_graph_output():
         old.name = None
         new.name = name
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer or ``Constant`` output, else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = producer_of(value, "Constant")
+        attr = node.attributes.get("value") if node is not None else None
+        tensor = attr.value if attr is not None else None
+    return None if tensor is None else tensor.numpy()

@@ -51,17 +51,17 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ._attention import (
-    DOMAIN,
     SHAPE_OPS,
     NodeBuilder,
     OutputSide,
+    ScoreSide,
     kernel_inputs,
     output_side,
+    score_side,
     shape_op_keeps_heads,
     static_dims,
-    unscaled,
 )
-from ._values import producer_of, replace_value
+from ._values import DOMAIN, replace_value
 
 logger = logging.getLogger(__name__)
 
@@ -120,34 +120,9 @@ def _cache_concat(value: ir.Value | None) -> _Cache | None:
     return _Cache(past, new, present)
 
 
-@dataclass(frozen=True)
-class _ScoreSide:
-    """``Softmax(MatMul(Mul(Q, c1)?, Mul(Kᵀ, c2)?) + mask?)``."""
-
-    query: ir.Value
-    scale: float
-    mask: ir.Value | None
-    key: _Cache
-
-
-def _score_side(softmax: ir.Node) -> _ScoreSide | None:
-    scores, mask = softmax.inputs[0], None
-    add = producer_of(scores, "Add")
-    if add is not None:
-        scores, mask = add.inputs[0], add.inputs[1]
-    qk = producer_of(scores, "MatMul")
-    if qk is None or qk.inputs[0] is None or qk.inputs[1] is None:
-        return None
-    query, key_t = unscaled(qk.inputs[0]), unscaled(qk.inputs[1])
-    key = _cache_concat(key_t[0]) if key_t is not None else None
-    if query is None or key_t is None or key is None:
-        return None
-    return _ScoreSide(query[0], query[1] * key_t[1], mask, key)
-
-
-def _geometry(scores: _ScoreSide, value: _Cache, out: OutputSide) -> tuple[int, int, int] | None:
+def _geometry(scores: ScoreSide, key: _Cache, value: _Cache, out: OutputSide) -> tuple[int, int, int] | None:
     """(heads, kv heads, head size) when the static shapes are those of grouped attention, else None."""
-    q, k, v = static_dims(scores.query, 4), static_dims(scores.key.new, 4), static_dims(value.new, 4)
+    q, k, v = static_dims(scores.query, 4), static_dims(key.new, 4), static_dims(value.new, 4)
     flat = static_dims(out.reshape.outputs[0], 3)
     if q is None or k is None or v is None or flat is None:
         return None
@@ -169,24 +144,22 @@ def _geometry(scores: _ScoreSide, value: _Cache, out: OutputSide) -> tuple[int, 
 
 def match_attention(softmax: ir.Node) -> AttentionMatch | None:
     """The attention region around ``softmax`` (see the module docstring), or None when it is not one."""
-    axis = softmax.attributes.get("axis")
-    if softmax.domain != "" or (axis is not None and axis.value not in (-1, 3)):
-        return None
-    out, scores = output_side(softmax), _score_side(softmax)
+    out, scores = output_side(softmax), score_side(softmax)
+    key = _cache_concat(scores.key_t) if scores is not None else None
     value = _cache_concat(out.weighted.inputs[1]) if out is not None else None
-    if out is None or scores is None or value is None or value.present is scores.key.present:
+    if out is None or scores is None or key is None or value is None or value.present is key.present:
         return None
-    geometry = _geometry(scores, value, out)
+    geometry = _geometry(scores, key, value, out)
     if geometry is None:
         return None
     heads, kv_heads, head_size = geometry
     return AttentionMatch(
         query=scores.query,
-        key=scores.key.new,
+        key=key.new,
         value=value.new,
-        past_key=scores.key.past,
+        past_key=key.past,
         past_value=value.past,
-        present_key=scores.key.present,
+        present_key=key.present,
         present_value=value.present,
         mask=scores.mask,
         scale=scores.scale,

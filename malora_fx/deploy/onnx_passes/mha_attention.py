@@ -29,17 +29,16 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ._attention import (
-    DOMAIN,
     SHAPE_OPS,
     NodeBuilder,
     kernel_inputs,
     output_side,
+    score_side,
     shape_op_keeps_heads,
     static_dims,
-    unscaled,
     unsplit_heads,
 )
-from ._values import producer_of, replace_value
+from ._values import DOMAIN, replace_value
 
 logger = logging.getLogger(__name__)
 
@@ -88,30 +87,20 @@ def _heads_and_size(values: list[ir.Value]) -> tuple[int, int] | None:
 
 def match_attention(softmax: ir.Node) -> HeadsMatch | None:
     """The cache-free attention region around ``softmax`` (see the module docstring), or None."""
-    axis = softmax.attributes.get("axis")
-    if softmax.domain != "" or (axis is not None and axis.value not in (-1, 3)):
+    out, scores = output_side(softmax), score_side(softmax)
+    key = _split_heads_source(scores.key_t) if scores is not None else None
+    value = _split_heads_source(out.weighted.inputs[1]) if out is not None else None
+    if out is None or scores is None or key is None or value is None:
         return None
-    out = output_side(softmax)
-    scores, mask = softmax.inputs[0], None
-    add = producer_of(scores, "Add")
-    if add is not None:
-        scores, mask = add.inputs[0], add.inputs[1]
-    qk = producer_of(scores, "MatMul")
-    if out is None or qk is None or qk.inputs[0] is None or qk.inputs[1] is None:
-        return None
-    query, key_t = unscaled(qk.inputs[0]), unscaled(qk.inputs[1])
-    key = _split_heads_source(key_t[0]) if key_t is not None else None
-    value = _split_heads_source(out.weighted.inputs[1])
-    if query is None or key_t is None or key is None or value is None:
-        return None
-    geometry = _heads_and_size([query[0], key, value])
+    geometry = _heads_and_size([scores.query, key, value])
     flat = static_dims(out.reshape.outputs[0], 3)
     if geometry is None or flat is None or geometry[1] % 8 or flat[2] != geometry[0] * geometry[1]:
         return None
     heads = geometry[0]
-    if mask is not None and (static_dims(mask, 4) or [0, 0])[1] not in (1, heads):
+    if scores.mask is not None and (static_dims(scores.mask, 4) or [0, 0])[1] not in (1, heads):
         return None
-    return HeadsMatch(query[0], key, value, mask, query[1] * key_t[1], out.reshape.outputs[0], out.reshape, heads)
+    output = out.reshape.outputs[0]
+    return HeadsMatch(scores.query, key, value, scores.mask, scores.scale, output, out.reshape, heads)
 
 
 def fuse_multi_head_attention(model: ir.Model) -> ir.passes.PassResult:

@@ -32,11 +32,10 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from ._values import producer_of, replace_value
+from ._values import DOMAIN, const_array, producer_of, replace_value
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = "com.microsoft"
 POSITIONS_INPUT = "position_ids"
 MAX_POSITIONS_KEY = "max_positions"
 
@@ -53,8 +52,8 @@ class RotaryMatch:
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = value.const_value if value is not None else None
-    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+    array = const_array(value)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
 
 
 def _half_slice(node: ir.Node | None, x: ir.Value, half: int, first: bool) -> bool:
