@@ -168,7 +168,9 @@ class CachedDecoder:
         return self(input_ids, attention_mask, positions, None)[0]
 
     def to(self, device: torch.device | str) -> CachedDecoder:
-        self.module.to(device)
+        from ..graph.move import move_to_device
+
+        move_to_device(self.module, device)
         return self
 
 
@@ -234,7 +236,9 @@ def load_run_for_eval(
     decoder = cached_decoder(loaded.model, run_dir) if use_cache else None
     if decoder is not None:
         return decoder.to(device).logits, decoder, loaded
-    gm = apply_run_adapters(loaded.model, run_dir, info).to(device)
+    from ..graph.move import move_to_device
+
+    gm = move_to_device(apply_run_adapters(loaded.model, run_dir, info), device)
     return (lambda ids, mask: gm(input_ids=ids, attention_mask=mask).logits), None, loaded
 
 

@@ -40,6 +40,7 @@ from ..adapters.config import MALoRAConfig
 from ..adapters.files import config_from_file, load_adapters, save_adapters
 from ..adapters.transform import freeze_base, get_config, set_adapters_training, trainable_parameters, transform
 from ..errors import MaloraError
+from ..graph.move import move_to_device
 from ..graph.sources import load_model
 from .args import TrainArgs
 from .checkpoint import (
@@ -258,7 +259,7 @@ def prepare(
         freeze_base(model)
     else:  # pragma: no cover - _target returns one of the two forms
         raise AssertionError("unreachable")
-    model.to(args.device)
+    move_to_device(model, args.device)  # a captured graph keeps its capture device in its nodes
     set_adapters_training(model, True)
     optimizer, scheduler = make_optimizer(trainable_parameters(model), args, total)
     torch.manual_seed(args.seed)
