@@ -18,6 +18,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="sweep directory (new, empty, or an earlier run of a sweep)")
     p.add_argument("--dry-run", action="store_true", help="validate the spec and list its cells; run nothing")
     p.add_argument("--no-report", action="store_true", help="do not write results.md and the plots at the end")
+    p.add_argument(
+        "--device",
+        help="train and evaluate every cell on this device (cpu, cuda, cuda:N) instead of the spec's [train] device",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only shard I of N (every N-th cell from the I-th); N processes can share one --out, e.g. on "
+        "one GPU; no report is written (run sweep-report when all are done)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the cells in N processes at once (shards sharing --out; e.g. 8-16 for a small model on one "
+        "GPU), then write the report",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
@@ -31,20 +49,42 @@ def add_parsers(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..training.sweep import RESULTS, cells, load_spec, read_results, run_sweep
+    from ..errors import MaloraError
+    from ..training.sweep import (
+        RESULTS,
+        cells,
+        load_spec,
+        parse_shard,
+        read_results,
+        run_sweep,
+        shard_cells,
+        with_device,
+    )
 
+    if args.jobs != 1 and not args.dry_run:
+        if args.shard:
+            raise MaloraError("--jobs and --shard: choose one (--jobs starts the shards itself)")
+        from ..training.sweep_jobs import run_jobs
+
+        rows = run_jobs(args.spec, args.out, args.jobs, device=args.device, report=not args.no_report)
+        print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
+        return 0
+    shard = parse_shard(args.shard) if args.shard else None
     spec = load_spec(args.spec)
+    if args.device:
+        spec = with_device(spec, args.device)
     if args.dry_run:
         done = {r["id"] for r in read_results(Path(args.out) / RESULTS)}
-        todo = cells(spec)
+        todo = shard_cells(cells(spec), shard)
         for cell in todo:
             print(f"{'done' if cell.id in done else 'todo'}  {cell.id}")
         left = sum(c.id not in done for c in todo)
         print(f"{len(todo)} cells, {len(todo) - left} done, {left} to run")
         return 0
-    rows = run_sweep(spec, args.out, report=not args.no_report)
+    report = not args.no_report and shard is None
+    rows = run_sweep(spec, args.out, report=report, shard=shard)
     print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
-    if not args.no_report:
+    if report:
         print(f"report: {Path(args.out) / 'results.md'}")
     return 0
 

@@ -28,10 +28,12 @@ gives the numbers an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -43,7 +45,18 @@ from ..errors import MaloraError
 from ..fileio import atomic_write
 from .sweep_spec import Cell, SuiteSpec, SweepSpec, cells, load_spec, parse_spec
 
-__all__ = ["Cell", "SweepSpec", "cells", "load_spec", "parse_spec", "read_results", "run_sweep"]
+__all__ = [
+    "Cell",
+    "SweepSpec",
+    "cells",
+    "load_spec",
+    "parse_shard",
+    "parse_spec",
+    "read_results",
+    "run_sweep",
+    "shard_cells",
+    "with_device",
+]
 
 RESULTS = "results.jsonl"
 FORMAT = "malora-fx-sweep/1"
@@ -77,16 +90,28 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def append_result(path: Path, row: dict[str, Any]) -> None:
-    """Append one line; a partial last line left by a kill is cut off first."""
-    if path.is_file():
-        text = path.read_bytes()
-        if text and not text.endswith(b"\n"):
-            with open(path, "r+b") as handle:
-                handle.truncate(text.rfind(b"\n") + 1)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append one line; a partial last line left by a kill is cut off first.
+
+    The file is locked (``flock``) for the check and the append, so shards appending at the same time
+    neither interleave their lines nor take one another's line in progress for a killed one."""
+    import fcntl
+
+    line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+    with open(path, "ab") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            size = handle.seek(0, os.SEEK_END)
+            if size:
+                with open(path, "rb") as reader:
+                    reader.seek(max(0, size - 1))
+                    if reader.read(1) != b"\n":
+                        text = path.read_bytes()
+                        handle.truncate(text.rfind(b"\n") + 1)
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -218,6 +243,21 @@ class _Runner:
         _write_json(path, {"key": key, "results": results})
         return results
 
+    def _cached_decoder(self, gm, device: str):
+        """The trained adapters copied into the base model captured with a KV cache, on ``device``.
+
+        The capture runs on the CPU: ``gm`` shares the base weights with the loaded model, and
+        training moved those (not the model's buffers) to ``device``; both go back first, and
+        ``gm`` returns to ``device`` for the loss pass."""
+        from ..graph.move import move_to_device
+        from .evaluate import cached_decoder
+
+        move_to_device(gm, "cpu")
+        self.loaded.model.to("cpu")
+        decoder = cached_decoder(self.loaded.model, gm)
+        move_to_device(gm, device)
+        return decoder.to(device) if decoder is not None else None
+
     def run(self, cell: Cell, say_step: Say) -> dict[str, Any]:
         from ..adapters.accounting import percent
         from ..adapters.files import save_adapters
@@ -247,9 +287,7 @@ class _Runner:
             trained = time.perf_counter()
             say_step("eval")
             set_adapters_training(gm, False)
-            from .evaluate import cached_decoder
-
-            decoder = cached_decoder(loaded.model, gm)  # the adapters copied into a graph with a KV cache
+            decoder = self._cached_decoder(gm, cell.train.device)
             scores = self._evaluate(
                 lambda ids, mask: gm(input_ids=ids, attention_mask=mask).logits, cell, paths, decoder
             )
@@ -299,8 +337,12 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def prepare_dir(out: Path, spec: SweepSpec, say: Say) -> list[dict[str, Any]]:
-    """Check ``out`` (new, empty, or an earlier sweep's), record the spec, clear partial cells; the finished rows."""
+def prepare_dir(out: Path, spec: SweepSpec, say: Say, own: set[str] | None = None) -> list[dict[str, Any]]:
+    """Check ``out`` (new, empty, or an earlier sweep's), record the spec, clear partial cells; the finished rows.
+
+    ``own`` (a shard's cell ids) limits the clearing to those cells, so that shards running at the same
+    time in one directory leave each other's cells in progress alone.
+    """
     if out.exists() and not out.is_dir():
         raise MaloraError(f"out: {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "spec.json").is_file():
@@ -313,27 +355,73 @@ def prepare_dir(out: Path, spec: SweepSpec, say: Say) -> list[dict[str, Any]]:
     rows = read_results(out / RESULTS)
     done = {r["id"] for r in rows}
     for folder in sorted((out / "cells").glob("*")) if (out / "cells").is_dir() else []:
+        name = folder.name.removesuffix(".tmp")
+        if own is not None and name not in own:
+            continue
         if folder.name.endswith(".tmp") or folder.name not in done:
             say(f"removing the unfinished cell {folder.name}")
             shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
+def with_device(spec: SweepSpec, device: str) -> SweepSpec:
+    """``spec`` with every cell trained and evaluated on ``device`` (cpu, cuda or cuda:N).
+
+    The device is a train setting, so it is part of each cell's id: cells run on another device are
+    other cells (their speed differs, and their numbers may in the last digits)."""
+    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise MaloraError(f"device: {device!r}; allowed: cpu, cuda, cuda:N")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MaloraError(f"device: {device!r}: torch {torch.__version__} sees no CUDA device; allowed here: cpu")
+    return dataclasses.replace(spec, train={**spec.train, "device": device})
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) -> ``(I, N)``; anything else is a one-line :class:`MaloraError`."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise MaloraError(f"shard: {text!r}; expected I/N with 1 <= I <= N, e.g. 2/4")
+    return int(match[1]), int(match[2])
+
+
+def shard_cells(all_cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """Shard ``I/N``'s share of the cells: every N-th cell from the I-th, so that each shard gets every
+    method and the early seeds first. The N shards are disjoint and together cover every cell."""
+    if shard is None:
+        return all_cells
+    index, count = shard
+    return all_cells[index - 1 :: count]
+
+
 def run_sweep(
-    spec: SweepSpec | str | Path, out: str | Path, *, report: bool = True, say: Say | None = None
+    spec: SweepSpec | str | Path,
+    out: str | Path,
+    *,
+    report: bool = True,
+    say: Say | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished cell of ``spec`` into ``out``; return all finished rows (and write the report)."""
+    """Run every unfinished cell of ``spec`` into ``out``; return all finished rows (and write the report).
+
+    ``shard=(I, N)`` runs only shard I of N (:func:`shard_cells`); N processes, one per shard, can run
+    at once into the same ``out`` (each appends its own lines; write the report once they are done).
+    """
     say = say or _say
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
     out = Path(out)
-    todo_all = cells(spec)
-    done = {r["id"] for r in prepare_dir(out, spec, say)}
+    todo_all = shard_cells(cells(spec), shard)
+    done = {r["id"] for r in prepare_dir(out, spec, say, {c.id for c in todo_all} if shard else None)}
     todo = [c for c in todo_all if c.id not in done]
     total, finished = len(todo_all), len(todo_all) - len(todo)
-    say(f"{total} cells, {finished} already done, {len(todo)} to run")
+    where = f" in shard {shard[0]}/{shard[1]}" if shard else ""
+    of_shard = f" of shard {shard[0]}/{shard[1]}" if shard else ""
+    say(f"{total} cells{where}, {finished} already done, {len(todo)} to run")
     runner, spent = _Runner(out, say), 0.0
     for number, cell in enumerate(todo, 1):
-        label = f"cell {finished + 1}/{total} {cell.id}"
+        label = f"cell {finished + 1}/{total}{of_shard} {cell.id}"
 
         def say_step(message: str, label: str = label) -> None:
             say(f"{label}: {message}")
@@ -345,7 +433,7 @@ def run_sweep(
         spent += row["wall_seconds"]
         left = len(todo) - number
         say(
-            f"cell {finished}/{total} done (eval EM {100 * row['eval']['exact_match']:.1f}%, "
+            f"cell {finished}/{total}{of_shard} done (eval EM {100 * row['eval']['exact_match']:.1f}%, "
             f"{row['wall_seconds']:.0f} s), {left} left, ETA {_clock(spent / number * left)}"
         )
     rows = read_results(out / RESULTS)

@@ -19,10 +19,14 @@ from malora_fx.training.sweep import (
     append_result,
     cells,
     load_spec,
+    parse_shard,
     parse_spec,
+    prepare_dir,
     read_results,
     run_sweep,
+    shard_cells,
     suite_files,
+    with_device,
 )
 from malora_fx.training.sweep_report import write_report
 from malora_fx.training.sweep_spec import SuiteSpec
@@ -264,3 +268,89 @@ def test_cli_dry_run_lists_cells(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "16 cells, 0 done, 16 to run" and out[0].startswith("todo  smollm2-135m-inter-MoLoRA-r4-")
     assert not (tmp_path / "out").exists()
+
+
+def test_shards_are_disjoint_cover_every_cell_and_each_starts_with_the_first_seed():
+    every = cells(load_spec(EXAMPLES / "paper_small.toml"))
+    shards = [shard_cells(every, (i, 12)) for i in range(1, 13)]
+    ids = [c.id for shard in shards for c in shard]
+    assert len(ids) == len(every) == 108 and set(ids) == {c.id for c in every}
+    assert all(len(s) == 9 for s in shards) and all(s[0].seed == 0 for s in shards)
+    assert shard_cells(every, None) is every and shard_cells(every, (1, 1)) == every
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "a/b", "2", "1/2/3", ""])
+def test_parse_shard_refuses(text):
+    with pytest.raises(MaloraError, match=rf"^shard: {text!r}; expected I/N with 1 <= I <= N, e.g. 2/4$"):
+        parse_shard(text)
+    assert parse_shard(" 2 / 4 ") == (2, 4)
+
+
+def test_with_device_is_a_train_setting_and_refuses_what_torch_cannot_use(monkeypatch):
+    import torch
+
+    spec = load_spec(EXAMPLES / "smoke.toml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = with_device(spec, "cuda:1")
+    assert on_gpu.train["device"] == "cuda:1" and spec.train.get("device", "cpu") == "cpu"
+    assert [c.train.device for c in cells(on_gpu)] == ["cuda:1", "cuda:1"]
+    assert {c.id for c in cells(on_gpu)}.isdisjoint(c.id for c in cells(spec))
+    with pytest.raises(MaloraError, match=r"^device: 'tpu'; allowed: cpu, cuda, cuda:N$"):
+        with_device(spec, "tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MaloraError, match=r"^device: 'cuda': torch .* sees no CUDA device; allowed here: cpu$"):
+        with_device(spec, "cuda")
+
+
+def test_two_shards_share_one_directory(tmp_path):
+    """Shard 1 runs while shard 2's cell is in progress (its .tmp folder): it is left alone; the two
+    shards' lines land in one results.jsonl and the report covers both."""
+    out, spec = tmp_path / "sweep", load_spec(EXAMPLES / "smoke.toml")
+    first, second = (shard_cells(cells(spec), (i, 2))[0] for i in (1, 2))
+    prepare_dir(out, spec, print)  # as shard 2 did when it started
+    in_progress = out / "cells" / f"{second.id}.tmp"
+    in_progress.mkdir(parents=True)
+    messages: list[str] = []
+    rows = run_sweep(spec, out, report=False, say=messages.append, shard=(1, 2))
+    assert [r["id"] for r in rows] == [first.id] and in_progress.is_dir()
+    assert "1 cells in shard 1/2, 0 already done, 1 to run" in messages
+    shutil.rmtree(in_progress)  # as shard 2 would on its own restart
+    rows = run_sweep(spec, out, report=False, say=messages.append, shard=(2, 2))
+    assert [r["id"] for r in rows] == [first.id, second.id]
+    assert "removing the unfinished cell" not in " ".join(messages)
+    assert write_report(out) and "| lora | 4 | 4 |" in (out / "results.md").read_text()
+
+
+def test_cli_shard_and_device_errors_exit_2(tmp_path, capsys):
+    for flags, message in (
+        (["--shard", "3/2"], "malora-fx: error: --shard: '3/2'; expected I/N with 1 <= I <= N, e.g. 2/4\n"),
+        (["--device", "gpu"], "malora-fx: error: --device: 'gpu'; allowed: cpu, cuda, cuda:N\n"),
+    ):
+        assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(tmp_path / "o"), *flags]) == 2
+        assert capsys.readouterr().err == message
+    assert not (tmp_path / "o").exists()
+    assert (
+        main(
+            ["sweep", str(EXAMPLES / "rank_sweep.toml"), "--out", str(tmp_path / "o"), "--dry-run"] + ["--shard", "2/4"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "4 cells, 0 done, 4 to run" and out[0].startswith("todo  smollm2-135m-inter-MoLoRA-r8-")
+
+
+def test_cli_jobs_runs_the_shards_in_processes_and_reports_once(tmp_path, capsys):
+    out = tmp_path / "jobs"
+    assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(out), "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.endswith(f"2 finished cells in {out / RESULTS}\n")
+    rows = read_results(out / RESULTS)
+    assert sorted(r["method_name"] for r in rows) == ["lora", "malora"]
+    assert {r["id"] for r in rows} == {c.id for c in cells(load_spec(EXAMPLES / "smoke.toml"))}
+    assert (out / "results.md").is_file() and not list((out / "cells").glob("*.tmp"))
+    for flags, message in (
+        (["--jobs", "0"], "malora-fx: error: --jobs: 0; allowed: 1 or more\n"),
+        (["--jobs", "2", "--shard", "1/2"], "malora-fx: error: --jobs and --shard: choose one"),
+    ):
+        assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(tmp_path / "o"), *flags]) == 2
+        assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,71 @@
+"""``malora-fx sweep --jobs N``: one sweep split over N processes (shards) that share its directory.
+
+A small model leaves most of a GPU idle: one process spends its time launching kernels. N processes,
+each running every N-th cell (:func:`~.sweep.shard_cells`), keep it busier. The parent prepares the
+directory once (so the shards find ``spec.json`` and no partial cell of an earlier run), starts the
+shards, waits for all of them, and writes the report over every finished cell.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import MaloraError
+from .sweep import RESULTS, Say, _say, cells, load_spec, prepare_dir, read_results, with_device
+
+
+def shard_command(spec: str | Path, out: str | Path, index: int, jobs: int, device: str | None) -> list[str]:
+    """The command line of shard ``index`` of ``jobs`` (the report is left to the parent)."""
+    command = [sys.executable, "-m", "malora_fx.cli", "sweep", str(spec), "--out", str(out)]
+    command += ["--shard", f"{index}/{jobs}", "--no-report"]
+    return command + (["--device", device] if device else [])
+
+
+def run_jobs(
+    spec_path: str | Path,
+    out: str | Path,
+    jobs: int,
+    *,
+    device: str | None = None,
+    report: bool = True,
+    say: Say | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``spec_path`` into ``out`` with ``jobs`` shard processes at once; all finished rows.
+
+    Each shard gets ``OMP_NUM_THREADS`` = CPU cores // jobs unless it is set. A failed shard is an
+    error once all have stopped (the others' cells are kept; the same command resumes)."""
+    say = say or _say
+    if jobs < 1:
+        raise MaloraError(f"jobs: {jobs}; allowed: 1 or more")
+    spec = load_spec(spec_path)
+    if device:
+        spec = with_device(spec, device)
+    jobs = min(jobs, len(cells(spec)))
+    out = Path(out)
+    prepare_dir(out, spec, say)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    say(f"starting {jobs} shards")
+    shards = [subprocess.Popen(shard_command(spec_path, out, i, jobs, device), env=env) for i in range(1, jobs + 1)]
+    try:
+        codes = [shard.wait() for shard in shards]
+    except BaseException:
+        for shard in shards:
+            shard.terminate()
+        raise
+    rows = read_results(out / RESULTS)
+    if report and rows:
+        from .sweep_report import write_report
+
+        say("report: " + ", ".join(str(p) for p in write_report(out)))
+    failed = [str(i) for i, code in enumerate(codes, 1) if code]
+    if failed:
+        raise MaloraError(
+            f"jobs: shard {', '.join(failed)} of {jobs} failed (its messages are above); "
+            "run the same command again to resume"
+        )
+    return rows
