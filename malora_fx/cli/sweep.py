@@ -22,6 +22,7 @@ def add_parsers(sub) -> None:
         "--device",
         help="train and evaluate every cell on this device (cpu, cuda, cuda:N) instead of the spec's [train] device",
     )
+    p.add_argument("--methods", help="run only these method labels of the spec (comma-separated)")
     p.add_argument(
         "--shard",
         metavar="I/N",
@@ -59,6 +60,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         run_sweep,
         shard_cells,
         with_device,
+        with_methods,
     )
 
     if args.jobs != 1 and not args.dry_run:
@@ -66,13 +68,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise MaloraError("--jobs and --shard: choose one (--jobs starts the shards itself)")
         from ..training.sweep_jobs import run_jobs
 
-        rows = run_jobs(args.spec, args.out, args.jobs, device=args.device, report=not args.no_report)
+        rows = run_jobs(
+            args.spec, args.out, args.jobs, device=args.device, methods=args.methods, report=not args.no_report
+        )
         print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
         return 0
     shard = parse_shard(args.shard) if args.shard else None
     spec = load_spec(args.spec)
     if args.device:
         spec = with_device(spec, args.device)
+    if args.methods:
+        spec = with_methods(spec, args.methods)
     if args.dry_run:
         done = {r["id"] for r in read_results(Path(args.out) / RESULTS)}
         todo = shard_cells(cells(spec), shard)

@@ -56,6 +56,7 @@ __all__ = [
     "run_sweep",
     "shard_cells",
     "with_device",
+    "with_methods",
 ]
 
 RESULTS = "results.jsonl"
@@ -377,6 +378,18 @@ def with_device(spec: SweepSpec, device: str) -> SweepSpec:
         if not torch.cuda.is_available():
             raise MaloraError(f"device: {device!r}: torch {torch.__version__} sees no CUDA device; allowed here: cpu")
     return dataclasses.replace(spec, train={**spec.train, "device": device})
+
+
+def with_methods(spec: SweepSpec, labels: str) -> SweepSpec:
+    """``spec`` cut to the comma-separated method ``labels`` (its cells keep their ids)."""
+    chosen = [label.strip() for label in labels.split(",") if label.strip()]
+    unknown = [label for label in chosen if label not in spec.methods]
+    if not chosen or unknown:
+        raise MaloraError(
+            f"methods: {(unknown[0] if unknown else labels)!r} is not a method of the spec; "
+            f"allowed: {', '.join(spec.methods)}"
+        )
+    return dataclasses.replace(spec, methods={label: spec.methods[label] for label in spec.methods if label in chosen})
 
 
 def parse_shard(text: str) -> tuple[int, int]:

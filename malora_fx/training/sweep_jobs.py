@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MaloraError
-from .sweep import RESULTS, Say, _say, cells, load_spec, prepare_dir, read_results, with_device
+from .sweep import RESULTS, Say, _say, cells, load_spec, prepare_dir, read_results, with_device, with_methods
 
 
-def shard_command(spec: str | Path, out: str | Path, index: int, jobs: int, device: str | None) -> list[str]:
+def shard_command(
+    spec: str | Path, out: str | Path, index: int, jobs: int, device: str | None, methods: str | None = None
+) -> list[str]:
     """The command line of shard ``index`` of ``jobs`` (the report is left to the parent)."""
     command = [sys.executable, "-m", "malora_fx.cli", "sweep", str(spec), "--out", str(out)]
     command += ["--shard", f"{index}/{jobs}", "--no-report"]
-    return command + (["--device", device] if device else [])
+    command += ["--device", device] if device else []
+    return command + (["--methods", methods] if methods else [])
 
 
 def run_jobs(
@@ -31,6 +34,7 @@ def run_jobs(
     jobs: int,
     *,
     device: str | None = None,
+    methods: str | None = None,
     report: bool = True,
     say: Say | None = None,
 ) -> list[dict[str, Any]]:
@@ -44,13 +48,16 @@ def run_jobs(
     spec = load_spec(spec_path)
     if device:
         spec = with_device(spec, device)
+    if methods:
+        spec = with_methods(spec, methods)
     jobs = min(jobs, len(cells(spec)))
     out = Path(out)
     prepare_dir(out, spec, say)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     say(f"starting {jobs} shards")
-    shards = [subprocess.Popen(shard_command(spec_path, out, i, jobs, device), env=env) for i in range(1, jobs + 1)]
+    commands = [shard_command(spec_path, out, i, jobs, device, methods) for i in range(1, jobs + 1)]
+    shards = [subprocess.Popen(command, env=env) for command in commands]
     try:
         codes = [shard.wait() for shard in shards]
     except BaseException:
