@@ -14,6 +14,8 @@ Graphs (all built here, from the packaged SmolLM2-135M, into ``--work``; an exis
 * ``ours base``     ``malora-fx export --base-only``
 * ``ours malora``   ``malora-fx export`` of MALoRA (8 experts, top-2, defaults) on the same six targets
 * ``ours lora``     ``malora-fx export`` of the same PEFT LoRA r64 (``malora-fx import-peft``)
+* ``ours malora moe`` (with ``--moe``) ``malora-fx export --moe-kernel`` of the same MALoRA run: each routed
+  site one onnxruntime MoE node (top-k experts computed)
 
 Adapter weights are random and non-zero (latency does not depend on their values). Prints medians, ratios
 to ``builder``, each export's build time, and names the machine; ``--json`` / ``--markdown`` write them.
@@ -104,8 +106,11 @@ def write_malora_run(out: Path) -> None:
     mf.save_adapters(gm, out, base_model=MODEL)
 
 
-def build_all(work: Path) -> tuple[dict[str, Path], dict[str, float | None], dict[str, dict[str, float]]]:
-    """Build (or reuse) every graph; returns their folders, build seconds and our exports' stage seconds."""
+def build_all(
+    work: Path, moe: bool = False
+) -> tuple[dict[str, Path], dict[str, float | None], dict[str, dict[str, float]]]:
+    """Build (or reuse) every graph (``moe``: also ``ours malora moe``); returns their folders, build
+    seconds and our exports' stage seconds."""
     from malora_fx.deploy.onnx_export import export_run
     from malora_fx.deploy.peft_import import convert_peft
     from malora_fx.deploy.stage_clock import StageClock
@@ -141,6 +146,13 @@ def build_all(work: Path) -> tuple[dict[str, Path], dict[str, float | None], dic
         "ours malora": timed_build("ours malora", graphs["ours malora"], lambda: export("ours malora", malora_run)),
         "ours lora": timed_build("ours lora", graphs["ours lora"], lambda: export("ours lora", lora_run)),
     }
+    if moe:
+        graphs["ours malora moe"] = work / "ours-malora-moe"
+        seconds["ours malora moe"] = timed_build(
+            "ours malora moe",
+            graphs["ours malora moe"],
+            lambda: export("ours malora moe", malora_run, moe_kernel=True),
+        )
     return graphs, seconds, stages
 
 
@@ -323,13 +335,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between timings (ORT threads spin)")
     parser.add_argument("--only", help="comma-separated graph names to time (default: all five)")
+    parser.add_argument("--moe", action="store_true", help="also build and time 'ours malora moe' (--moe-kernel)")
     parser.add_argument("--build-only", action="store_true", help="build the graphs, time nothing")
     parser.add_argument("--json", help="write medians, samples and build times here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    graphs, seconds, stages = build_all(work)
+    graphs, seconds, stages = build_all(work, moe=args.moe)
     seconds = remember(work / "build_seconds.json", seconds)
     stages = {k: v for k, v in remember(work / "export_stages.json", stages).items() if v is not None}
     if args.build_only:

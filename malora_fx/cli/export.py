@@ -56,6 +56,12 @@ def add_parsers(sub) -> None:
         "MultiHeadAttention), rotary, RMSNorm / LayerNorm and their residual adds "
         "(SkipSimplifiedLayerNormalization), for runtimes other than onnxruntime",
     )
+    p.add_argument(
+        "--moe-kernel",
+        action="store_true",
+        help="run each routed adapter as one onnxruntime MoE node that computes only the top-k experts "
+        "(off by default: measured slower than the dense lowering on CPU, see README)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=cmd_export)
 
@@ -93,6 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         switchable=args.switchable,
         fuse=not args.no_fuse,
         ort_fusions=not args.no_ort_fusions,
+        moe_kernel=args.moe_kernel,
         clock=(clock := StageClock(say=_say, prefix="export: ")),
     )
     _say(f"export: {clock.summary()}")
@@ -119,6 +126,11 @@ def _check_export_options(args: argparse.Namespace) -> None:
         raise MaloraError(
             "--adapter-only: writes only an .onnx_adapter file; allowed with --dtype only "
             "(not --switchable, --no-cache, --no-fuse, --no-ort-fusions)"
+        )
+    if args.moe_kernel and (args.no_ort_fusions or args.switchable or args.base_only or args.adapter_only):
+        raise MaloraError(
+            "--moe-kernel: writes onnxruntime MoE nodes for adapters merged into the graph; not with "
+            "--no-ort-fusions, --switchable, --base-only or --adapter-only"
         )
     out = Path(args.out)
     if out.is_file() and not args.adapter_only:

@@ -76,6 +76,7 @@ class ExportManifest:
     switchable: bool = False
     fused: bool = False
     ort_fusions: bool = False  # onnxruntime contrib ops (GroupQueryAttention, RotaryEmbedding, norms) in the graph
+    moe_kernel: bool = False  # routed adapters run as com.microsoft.MoE nodes (export --moe-kernel)
     adapter_parameters: Mapping[str, Sequence[int]] = field(default_factory=dict)  # shapes stored as tuples
     num_layers: int | None = None
     num_kv_heads: int | None = None
@@ -99,7 +100,7 @@ class ExportManifest:
                 "a list of names",
             )
             object.__setattr__(self, name, tuple(value))
-        for name in ("kv_cache", "switchable", "fused", "ort_fusions"):
+        for name in ("kv_cache", "switchable", "fused", "ort_fusions", "moe_kernel"):
             _expect(name, getattr(self, name), lambda v: isinstance(v, bool), "true or false")
         _expect(
             "adapter_parameters",

@@ -71,6 +71,7 @@ def export_run(
     lowered: bool = True,
     fuse: bool = True,
     ort_fusions: bool = True,
+    moe_kernel: bool = False,
     clock: StageClock | None = None,
 ) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
@@ -87,8 +88,11 @@ def export_run(
     nothing it fuses. ``ort_fusions`` maps attention to ``GroupQueryAttention`` (with a cache) or
     ``MultiHeadAttention`` (without), rotary to ``RotaryEmbedding``, and RMSNorm / LayerNorm and their
     residual adds to onnxruntime's fused norms (:mod:`~malora_fx.deploy.onnx_passes`); ``False``
-    keeps standard ONNX ops for other runtimes. ``clock`` (a :class:`StageClock`) records each
-    stage's seconds and says it as it ends: load, capture, adapters, torch.onnx, onnx passes, save.
+    keeps standard ONNX ops for other runtimes. ``moe_kernel`` (with ``ort_fusions``) runs each routed
+    adapter as one onnxruntime ``MoE`` node that computes only the top-k experts
+    (:mod:`~malora_fx.deploy.onnx_passes.moe_routing`; off by default: slower on CPU). ``clock``
+    (a :class:`StageClock`) records each stage's seconds and says it as it ends: load, capture,
+    adapters, torch.onnx, onnx passes, save.
     """
     dt = torch_dtype(dtype)
     if opset < 18:
@@ -134,6 +138,7 @@ def export_run(
         switchable=switchable,
         fused=hasattr(gm, FUSED_ATTR),
         ort_fusions=ort_fusions,
+        moe_kernel=bool(moe_kernel) and ort_fusions and adapted and not switchable,
         adapter_parameters=adapter_parameters(gm) if switchable else {},
         **(decoder_meta(model.config) if decoder else {}),
     )
@@ -322,7 +327,9 @@ def _write_export(
         with clock("onnx passes"):
             if getattr(config, "max_position_embeddings", None):  # the rotary cache's length
                 program.model.meta[MAX_POSITIONS_KEY] = int(config.max_position_embeddings)
-            optimize_onnx(program.model, ort_fusions=manifest.ort_fusions)
+            optimize_onnx(program.model, ort_fusions=manifest.ort_fusions, moe_kernel=manifest.moe_kernel)
+            if manifest.moe_kernel and not program.model.meta.get("moe_routing"):
+                manifest = dataclasses.replace(manifest, moe_kernel=False)  # no routed site matched
         with clock("save"):
             _save_checked(program, gm, manifest, tmp, tokenizer, config)
 

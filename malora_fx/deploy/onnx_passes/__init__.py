@@ -16,10 +16,11 @@ import onnx_ir as ir
 from .cleanup import cleanup
 from .gqa_attention import fuse_group_query_attention
 from .mha_attention import fuse_multi_head_attention
+from .moe_routing import fuse_moe_routing
 from .ort_fusions import fuse_for_ort
 from .rotary_embedding import MAX_POSITIONS_KEY, fuse_rotary_embedding
 
-__all__ = ["EXPORT_PASSES", "MAX_POSITIONS_KEY", "PassReport", "count_nodes", "optimize_onnx"]
+__all__ = ["EXPORT_PASSES", "MAX_POSITIONS_KEY", "OPT_IN_PASSES", "PassReport", "count_nodes", "optimize_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult], bool]
     ("gqa_attention", fuse_group_query_attention, True),
     ("mha_attention", fuse_multi_head_attention, True),
     ("ort_fusions", fuse_for_ort, True),
+    ("moe_routing", fuse_moe_routing, True),
 ]
+# Passes that run only when asked for (``optimize_onnx(moe_kernel=True)``): measured slower on CPU.
+OPT_IN_PASSES = {"moe_routing": "moe_kernel"}
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,13 @@ class PassReport:
     seconds: float
 
 
-def optimize_onnx(model: ir.Model, *, ort_fusions: bool = True) -> list[PassReport]:
-    """Run :data:`EXPORT_PASSES` on ``model`` in place, in order (contrib-op passes only with ``ort_fusions``)."""
+def optimize_onnx(model: ir.Model, *, ort_fusions: bool = True, moe_kernel: bool = False) -> list[PassReport]:
+    """Run :data:`EXPORT_PASSES` on ``model`` in place, in order (contrib-op passes only with ``ort_fusions``;
+    ``moe_routing`` only with ``moe_kernel`` as well)."""
     reports = []
+    chosen = {"moe_kernel": moe_kernel}
     for name, run, contrib in EXPORT_PASSES:
-        if contrib and not ort_fusions:
+        if (contrib and not ort_fusions) or (name in OPT_IN_PASSES and not chosen[OPT_IN_PASSES[name]]):
             continue
         began = time.perf_counter()
         result = run(model)
