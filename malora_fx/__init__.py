@@ -46,6 +46,7 @@ from .deploy.runner import OrtGenerator
 from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError, TargetError
 from .graph.cached_decoder import capture_decoder
 from .graph.capture import capture
+from .graph.move import move_to_device
 from .graph.sources import fetch, load_model
 from .training.args import TrainArgs
 from .training.evaluate import evaluate
@@ -82,6 +83,7 @@ __all__ = [
     "load_run",
     "lower",
     "merge",
+    "move_to_device",
     "open_generator",
     "plan",
     "read_adapter_config",
