@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from malora_fx.deploy.onnx_passes import EXPORT_PASSES, count_nodes, optimize_onnx
+from malora_fx.deploy.onnx_passes import EXPORT_PASSES, OPT_IN_PASSES, count_nodes, optimize_onnx
 from malora_fx.deploy.onnx_passes.cleanup import cleanup
 from malora_fx.deploy.onnx_passes.ort_fusions import fuse_for_ort, register_checker_schemas
 from malora_fx.deploy.stage_clock import StageClock
@@ -73,10 +73,12 @@ def test_optimize_onnx_reports_each_pass_in_order():
     model = ir.serde.deserialize_model(_messy())
     before = count_nodes(model)
     reports = optimize_onnx(model)
-    assert [r.name for r in reports] == [name for name, _, _ in EXPORT_PASSES]
+    assert [r.name for r in reports] == [name for name, _, _ in EXPORT_PASSES if name not in OPT_IN_PASSES]
     assert [r.name for r in optimize_onnx(ir.serde.deserialize_model(_messy()), ort_fusions=False)] == [
         name for name, _, contrib in EXPORT_PASSES if not contrib
     ]
+    every = optimize_onnx(ir.serde.deserialize_model(_messy()), moe_kernel=True)
+    assert [r.name for r in every] == [name for name, _, _ in EXPORT_PASSES] and "moe_routing" in OPT_IN_PASSES
     assert reports[0].modified and reports[-1].nodes == count_nodes(model) < before
     assert all(r.seconds >= 0 for r in reports)
 
