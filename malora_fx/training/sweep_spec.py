@@ -376,12 +376,14 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def cells(spec: SweepSpec) -> list[Cell]:
-    """The cartesian product, model-major (one model loaded at a time), then suite and seed, so that a
-    sweep stopped half-way has every method of the first seeds."""
+    """The cartesian product, model-major (one model loaded at a time), then suite, seed, steps, lr and
+    rank, the methods innermost: a sweep stopped early (or the first round of ``--jobs`` shards) has
+    every method at the first settings, side by side, rather than some methods at every setting. The
+    order does not change a cell's id."""
     out = []
     ranks: tuple[int | None, ...] = spec.ranks or (None,)
-    for model, suite, seed, label, rank, steps, lr in itertools.product(
-        spec.models, spec.suites, spec.seeds, spec.methods, ranks, spec.steps, spec.lrs
+    for model, suite, seed, steps, lr, rank, label in itertools.product(
+        spec.models, spec.suites, spec.seeds, spec.steps, spec.lrs, ranks, spec.methods
     ):
         config = method_config(spec.source, label, spec.methods[label], rank=rank, seed=seed, targets=spec.targets)
         args = TrainArgs(**spec.train, steps=steps, lr=lr, seed=seed)

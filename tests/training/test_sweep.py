@@ -336,7 +336,7 @@ def test_cli_shard_and_device_errors_exit_2(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[-1] == "4 cells, 0 done, 4 to run" and out[0].startswith("todo  smollm2-135m-inter-MoLoRA-r8-")
+    assert out[-1] == "4 cells, 0 done, 4 to run" and out[0].startswith("todo  smollm2-135m-inter-MALoRA-r4-")
 
 
 def test_cli_jobs_runs_the_shards_in_processes_and_reports_once(tmp_path, capsys):
