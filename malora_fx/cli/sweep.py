@@ -88,7 +88,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(todo)} cells, {len(todo) - left} done, {left} to run")
         return 0
     report = not args.no_report and shard is None
-    rows = run_sweep(spec, args.out, report=report, shard=shard)
+    rows = run_sweep(spec, args.out, report=report, shard=shard, only_own_cells=bool(args.methods))
     print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
     if report:
         print(f"report: {Path(args.out) / 'results.md'}")

@@ -416,17 +416,21 @@ def run_sweep(
     report: bool = True,
     say: Say | None = None,
     shard: tuple[int, int] | None = None,
+    only_own_cells: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``spec`` into ``out``; return all finished rows (and write the report).
 
     ``shard=(I, N)`` runs only shard I of N (:func:`shard_cells`); N processes, one per shard, can run
     at once into the same ``out`` (each appends its own lines; write the report once they are done).
+    ``only_own_cells`` (implied by ``shard``) leaves the unfinished folders of cells that are not
+    ``spec``'s alone: another run into ``out`` (``--methods`` of another label) may be working on them.
     """
     say = say or _say
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
     out = Path(out)
     todo_all = shard_cells(cells(spec), shard)
-    done = {r["id"] for r in prepare_dir(out, spec, say, {c.id for c in todo_all} if shard else None)}
+    own = {c.id for c in todo_all} if shard or only_own_cells else None
+    done = {r["id"] for r in prepare_dir(out, spec, say, own)}
     todo = [c for c in todo_all if c.id not in done]
     total, finished = len(todo_all), len(todo_all) - len(todo)
     where = f" in shard {shard[0]}/{shard[1]}" if shard else ""

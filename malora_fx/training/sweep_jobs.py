@@ -52,7 +52,7 @@ def run_jobs(
         spec = with_methods(spec, methods)
     jobs = min(jobs, len(cells(spec)))
     out = Path(out)
-    prepare_dir(out, spec, say)
+    prepare_dir(out, spec, say, {c.id for c in cells(spec)} if methods else None)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     say(f"starting {jobs} shards")

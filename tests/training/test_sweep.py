@@ -354,3 +354,14 @@ def test_cli_jobs_runs_the_shards_in_processes_and_reports_once(tmp_path, capsys
         assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(tmp_path / "o"), *flags]) == 2
         assert capsys.readouterr().err.startswith(message)
     assert not (tmp_path / "o").exists()
+
+
+def test_methods_run_leaves_other_methods_cells_in_progress_alone(tmp_path, capsys):
+    out, spec = tmp_path / "sweep", load_spec(EXAMPLES / "smoke.toml")
+    lora, malora = cells(spec)
+    prepare_dir(out, spec, print)
+    in_progress = out / "cells" / f"{malora.id}.tmp"  # a --methods malora run, working
+    in_progress.mkdir(parents=True)
+    assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(out), "--methods", "lora", "--no-report"]) == 0
+    assert [r["id"] for r in read_results(out / RESULTS)] == [lora.id] and in_progress.is_dir()
+    assert "removing the unfinished cell" not in capsys.readouterr().err
