@@ -22,6 +22,10 @@ block map, ``Mul`` by a zero scalar, TopK on the last axis, the router reading t
 the adapter. float32 graphs only (the CPU kernel's type), and only when the installed onnxruntime
 has a MoE kernel (:func:`onnxruntime_lacks_moe`). The columns of ``W_fused`` that fed ``h`` become
 unused; they stay in that GEMM (a few percent of its columns).
+
+Opt-in (``export --moe-kernel``, :data:`~malora_fx.deploy.onnx_passes.OPT_IN_PASSES`): on SmolLM2 with
+2 CPU cores the MoE graph measured 1.80x prefill and 1.51x decode of onnxruntime-genai's base graph,
+against 1.42x and 1.13x for the dense form (``tools/bench_serving.py --moe``).
 """
 
 from __future__ import annotations
