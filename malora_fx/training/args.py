@@ -6,6 +6,7 @@ documentation (``malora_fx/cli/flags.py``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import MaloraError
@@ -75,5 +76,5 @@ class TrainArgs:
         if self.max_grad_norm <= 0:
             raise MaloraError(f"max_grad_norm: {self.max_grad_norm} must be > 0")
         parse_sampling(self.task_sampling)
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise MaloraError(f"device: {self.device!r}; allowed: cpu, cuda, cuda:N")

@@ -28,12 +28,10 @@ gives the numbers an uninterrupted one would.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -43,10 +41,13 @@ from typing import Any
 
 from ..errors import MaloraError
 from ..fileio import atomic_write
+from .sweep_results import append_result, read_results
+from .sweep_select import parse_shard, shard_cells, with_device, with_methods
 from .sweep_spec import Cell, SuiteSpec, SweepSpec, cells, load_spec, parse_spec
 
 __all__ = [
     "Cell",
+    "append_result",
     "SweepSpec",
     "cells",
     "load_spec",
@@ -66,53 +67,6 @@ Say = Callable[[str], None]
 
 def _say(message: str) -> None:
     print(f"malora-fx: sweep: {message}", file=sys.stderr, flush=True)
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """The finished cells' lines. A last line cut short by a kill is ignored; any other bad line is an error."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # no newline after it: an append that was killed
-                continue
-            raise MaloraError(f"{path}:{number}: not a JSON line; remove it to rerun that cell") from None
-        if not isinstance(row, dict) or "id" not in row:
-            raise MaloraError(f"{path}:{number}: not a sweep result (no 'id'); remove it to rerun that cell")
-        rows.append(row)
-    return rows
-
-
-def append_result(path: Path, row: dict[str, Any]) -> None:
-    """Append one line; a partial last line left by a kill is cut off first.
-
-    The file is locked (``flock``) for the check and the append, so shards appending at the same time
-    neither interleave their lines nor take one another's line in progress for a killed one."""
-    import fcntl
-
-    line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
-    with open(path, "ab") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            size = handle.seek(0, os.SEEK_END)
-            if size:
-                with open(path, "rb") as reader:
-                    reader.seek(max(0, size - 1))
-                    if reader.read(1) != b"\n":
-                        text = path.read_bytes()
-                        handle.truncate(text.rfind(b"\n") + 1)
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -363,50 +317,6 @@ def prepare_dir(out: Path, spec: SweepSpec, say: Say, own: set[str] | None = Non
             say(f"removing the unfinished cell {folder.name}")
             shutil.rmtree(folder, ignore_errors=True)
     return rows
-
-
-def with_device(spec: SweepSpec, device: str) -> SweepSpec:
-    """``spec`` with every cell trained and evaluated on ``device`` (cpu, cuda or cuda:N).
-
-    The device is a train setting, so it is part of each cell's id: cells run on another device are
-    other cells (their speed differs, and their numbers may in the last digits)."""
-    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise MaloraError(f"device: {device!r}; allowed: cpu, cuda, cuda:N")
-    if device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MaloraError(f"device: {device!r}: torch {torch.__version__} sees no CUDA device; allowed here: cpu")
-    return dataclasses.replace(spec, train={**spec.train, "device": device})
-
-
-def with_methods(spec: SweepSpec, labels: str) -> SweepSpec:
-    """``spec`` cut to the comma-separated method ``labels`` (its cells keep their ids)."""
-    chosen = [label.strip() for label in labels.split(",") if label.strip()]
-    unknown = [label for label in chosen if label not in spec.methods]
-    if not chosen or unknown:
-        raise MaloraError(
-            f"methods: {(unknown[0] if unknown else labels)!r} is not a method of the spec; "
-            f"allowed: {', '.join(spec.methods)}"
-        )
-    return dataclasses.replace(spec, methods={label: spec.methods[label] for label in spec.methods if label in chosen})
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` (1 <= I <= N) -> ``(I, N)``; anything else is a one-line :class:`MaloraError`."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise MaloraError(f"shard: {text!r}; expected I/N with 1 <= I <= N, e.g. 2/4")
-    return int(match[1]), int(match[2])
-
-
-def shard_cells(all_cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
-    """Shard ``I/N``'s share of the cells: every N-th cell from the I-th, so that each shard gets every
-    method and the early seeds first. The N shards are disjoint and together cover every cell."""
-    if shard is None:
-        return all_cells
-    index, count = shard
-    return all_cells[index - 1 :: count]
 
 
 def run_sweep(

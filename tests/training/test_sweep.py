@@ -297,6 +297,8 @@ def test_with_device_is_a_train_setting_and_refuses_what_torch_cannot_use(monkey
     assert {c.id for c in cells(on_gpu)}.isdisjoint(c.id for c in cells(spec))
     with pytest.raises(MaloraError, match=r"^device: 'tpu'; allowed: cpu, cuda, cuda:N$"):
         with_device(spec, "tpu")
+    with pytest.raises(MaloraError, match=r"^device: 'cuda:x'; allowed: cpu, cuda, cuda:N$"):
+        with_device(spec, "cuda:x")  # TrainArgs' own check, the one every train path goes through
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MaloraError, match=r"^device: 'cuda': torch .* sees no CUDA device; allowed here: cpu$"):
         with_device(spec, "cuda")

@@ -1,0 +1,56 @@
+"""Which cells a sweep run takes: another device (``--device``), some methods (``--methods``), one
+shard of N (``--shard``). Each keeps the cells' ids, except the device, which is a train setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ..errors import MaloraError
+from .args import TrainArgs
+from .sweep_spec import Cell, SweepSpec
+
+__all__ = ["parse_shard", "shard_cells", "with_device", "with_methods"]
+
+
+def with_device(spec: SweepSpec, device: str) -> SweepSpec:
+    """``spec`` with every cell trained and evaluated on ``device`` (cpu, cuda or cuda:N).
+
+    The device is a train setting, so it is part of each cell's id: cells run on another device are
+    other cells (their speed differs, and their numbers may in the last digits)."""
+    TrainArgs(device=device)  # its check: cpu, cuda or cuda:N
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MaloraError(f"device: {device!r}: torch {torch.__version__} sees no CUDA device; allowed here: cpu")
+    return dataclasses.replace(spec, train={**spec.train, "device": device})
+
+
+def with_methods(spec: SweepSpec, labels: str) -> SweepSpec:
+    """``spec`` cut to the comma-separated method ``labels`` (its cells keep their ids)."""
+    chosen = [label.strip() for label in labels.split(",") if label.strip()]
+    unknown = [label for label in chosen if label not in spec.methods]
+    if not chosen or unknown:
+        raise MaloraError(
+            f"methods: {(unknown[0] if unknown else labels)!r} is not a method of the spec; "
+            f"allowed: {', '.join(spec.methods)}"
+        )
+    return dataclasses.replace(spec, methods={label: spec.methods[label] for label in spec.methods if label in chosen})
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1 <= I <= N) -> ``(I, N)``; anything else is a one-line :class:`MaloraError`."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise MaloraError(f"shard: {text!r}; expected I/N with 1 <= I <= N, e.g. 2/4")
+    return int(match[1]), int(match[2])
+
+
+def shard_cells(all_cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """Shard ``I/N``'s share of the cells: every N-th cell from the I-th, so that each shard gets every
+    method and the early seeds first. The N shards are disjoint and together cover every cell."""
+    if shard is None:
+        return all_cells
+    index, count = shard
+    return all_cells[index - 1 :: count]
