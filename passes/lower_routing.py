@@ -125,7 +125,11 @@ class _Lowering:
         self.x = cast(fx.Node, call.args[0])
         self.prefix = str(call.target).rsplit(".", 1)[-1]
         self.fake_mode = fake_mode_of(self.x)
-        self.dtype = folded.up.dtype if isinstance(folded, FoldedMixture) else folded.B.dtype
+        # the site's activation dtype where the graph records it: adapters folded in float32 for a float16
+        # model are stored in float16, so the graph's dtypes (and its fake values) agree with its tensors
+        traced = self.x.meta.get("val")
+        own = folded.up.dtype if isinstance(folded, FoldedMixture) else folded.B.dtype
+        self.dtype = traced.dtype if isinstance(traced, torch.Tensor) and traced.is_floating_point() else own
 
     def run(self) -> None:
         f = cast(FoldedMixture, self.folded)
@@ -165,7 +169,7 @@ class _Lowering:
         return self.op(aten.matmul.default, x, self.weight(name, weight.T))
 
     def weight(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        return attach_buffer(self.gm, LOWERED_ATTR, f"{self.prefix}__{name}", tensor, self.fake_mode)
+        return attach_buffer(self.gm, LOWERED_ATTR, f"{self.prefix}__{name}", tensor.to(self.dtype), self.fake_mode)
 
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
         """A fixed 0/1 matrix shared by every site of its shape (not an adapter tensor)."""

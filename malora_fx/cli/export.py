@@ -62,6 +62,13 @@ def add_parsers(sub) -> None:
         help="run each routed adapter as one onnxruntime MoE node that computes only the top-k experts "
         "(off by default: measured slower than the dense lowering on CPU, see README)",
     )
+    p.add_argument(
+        "--torch-onnx-export",
+        action="store_true",
+        help="translate with torch.onnx.export, which traces the graph twice more (slower; the same graph): "
+        "by default the captured graph is translated directly, and torch.onnx.export is used only where "
+        "that declines (a stage named torch.onnx instead of translate)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(func=cmd_export)
 
@@ -100,6 +107,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fuse=not args.no_fuse,
         ort_fusions=not args.no_ort_fusions,
         moe_kernel=args.moe_kernel,
+        direct=not args.torch_onnx_export,
         clock=(clock := StageClock(say=_say, prefix="export: ")),
     )
     _say(f"export: {clock.summary()}")

@@ -47,6 +47,7 @@ from ..graph.cached_decoder import (
 from ..passes import FUSED_ATTR
 from .adapter_file import adapter_parameters, make_initializers_overridable
 from .genai_folder import write_genai_config
+from .graph_to_onnx import translate_graph
 from .manifest import ExportManifest, torch_dtype
 from .merge_lower import lower, merge
 from .onnx_passes import MAX_POSITIONS_KEY, optimize_onnx
@@ -72,6 +73,7 @@ def export_run(
     fuse: bool = True,
     ort_fusions: bool = True,
     moe_kernel: bool = False,
+    direct: bool = True,
     clock: StageClock | None = None,
 ) -> Path:
     """Export RUN_DIR's base model with its trained adapters (merged and lowered) to ``out_dir``.
@@ -90,9 +92,11 @@ def export_run(
     residual adds to onnxruntime's fused norms (:mod:`~malora_fx.deploy.onnx_passes`); ``False``
     keeps standard ONNX ops for other runtimes. ``moe_kernel`` (with ``ort_fusions``) runs each routed
     adapter as one onnxruntime ``MoE`` node that computes only the top-k experts
-    (:mod:`~malora_fx.deploy.onnx_passes.moe_routing`; off by default: slower on CPU). ``clock``
-    (a :class:`StageClock`) records each stage's seconds and says it as it ends: load, capture,
-    adapters, torch.onnx, onnx passes, save.
+    (:mod:`~malora_fx.deploy.onnx_passes.moe_routing`; off by default: slower on CPU). ``direct``
+    translates the captured graph to ONNX as it is (:mod:`~malora_fx.deploy.graph_to_onnx`), with
+    ``torch.onnx.export`` (two more traces) only where that declines; ``False`` always uses
+    ``torch.onnx.export``. ``clock`` (a :class:`StageClock`) records each stage's seconds and says it as
+    it ends: load, capture, adapters, translate (or torch.onnx), onnx passes, save.
     """
     dt = torch_dtype(dtype)
     if opset < 18:
@@ -144,7 +148,7 @@ def export_run(
     )
     module = program or (gm if decoder else _EncoderOutputs(gm, input_names, output_names))
     out_dir = Path(out_dir)
-    _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer, model.config, clock)
+    _write_export(module, gm, example, dynamic, manifest, out_dir, loaded.tokenizer, model.config, clock, direct)
     return out_dir
 
 
@@ -296,34 +300,29 @@ def _write_export(
     tokenizer,
     config=None,
     clock: StageClock | None = None,
+    direct: bool = True,
 ) -> None:
     """Export ``module`` (``gm``, a wrapper of it, or the program ``gm`` came from) into a temporary directory,
     check it, rename it to ``out_dir``.
 
-    ``torch.onnx.export`` runs without its own optimizer; :func:`~malora_fx.deploy.onnx_passes.optimize_onnx`
-    cleans the graph instead (same result, a fraction of the time: see that module). A decoder with a
-    KV cache (``config`` given) also gets its ``genai_config.json``.
+    ``gm`` goes to ONNX by :func:`~malora_fx.deploy.graph_to_onnx.translate_graph` (no second trace; stage
+    "translate"); ``module`` goes through ``torch.onnx.export`` (stage "torch.onnx") when that declines or
+    ``direct`` is False. ``torch.onnx.export`` runs without its own optimizer;
+    :func:`~malora_fx.deploy.onnx_passes.optimize_onnx` cleans the graph instead (same result, a fraction of
+    the time: see that module). A decoder with a KV cache (``config`` given) also gets its ``genai_config.json``.
     """
     clock = clock or StageClock()
     if isinstance(module, nn.Module):
         for sub in module.modules():  # exported modules refuse .eval(); set the flag directly
             sub.training = False
     with atomic_directory(out_dir) as tmp:
-        with clock("torch.onnx"):
-            program = torch.onnx.export(
-                module,
-                (),
-                kwargs=example,
-                dynamic_shapes=dynamic,
-                input_names=list(manifest.inputs),
-                output_names=list(manifest.outputs),
-                opset_version=manifest.opset,
-                dynamo=True,
-                optimize=False,
-                verbose=False,
-            )
-        if program is None:  # only when torch.onnx.export is given a file name
-            raise MaloraError("torch.onnx.export returned no ONNX program")
+        program = None
+        if isinstance(gm, fx.GraphModule) and direct:
+            with clock("translate"):
+                program = translate_graph(gm, list(manifest.inputs), list(manifest.outputs), manifest.opset)
+        if program is None:
+            with clock("torch.onnx"):
+                program = _torch_onnx_export(module, example, dynamic, manifest)
         with clock("onnx passes"):
             if getattr(config, "max_position_embeddings", None):  # the rotary cache's length
                 program.model.meta[MAX_POSITIONS_KEY] = int(config.max_position_embeddings)
@@ -332,6 +331,25 @@ def _write_export(
                 manifest = dataclasses.replace(manifest, moe_kernel=False)  # no routed site matched
         with clock("save"):
             _save_checked(program, gm, manifest, tmp, tokenizer, config)
+
+
+def _torch_onnx_export(module, example, dynamic, manifest: ExportManifest):
+    """``torch.onnx.export`` (dynamo) of ``module`` without its optimizer: traces it again."""
+    program = torch.onnx.export(
+        module,
+        (),
+        kwargs=example,
+        dynamic_shapes=dynamic,
+        input_names=list(manifest.inputs),
+        output_names=list(manifest.outputs),
+        opset_version=manifest.opset,
+        dynamo=True,
+        optimize=False,
+        verbose=False,
+    )
+    if program is None:  # only when torch.onnx.export is given a file name
+        raise MaloraError("torch.onnx.export returned no ONNX program")
+    return program
 
 
 def _save_checked(program, gm: nn.Module, manifest: ExportManifest, tmp: Path, tokenizer, config) -> None:

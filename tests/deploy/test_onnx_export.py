@@ -166,7 +166,7 @@ def test_cli_export_and_run(tmp_path, capsys):
     stages = [
         line.split(":")[2].strip() for line in capsys.readouterr().err.splitlines() if "malora-fx: export: " in line
     ]
-    assert stages[:6] == ["load", "capture", "adapters", "torch.onnx", "onnx passes", "save"]
+    assert stages[:6] == ["load", "capture", "adapters", "translate", "onnx passes", "save"]
 
 
 @pytest.mark.parametrize(
