@@ -42,7 +42,11 @@ def export_adapter(run_dir: str | os.PathLike, out_file: str | os.PathLike, *, d
     dt = torch_dtype(dtype)
     info, loaded = read_run(run_dir)
     model = loaded.model.to(dt).eval()
-    gm = capture_decoder(model, dt)[0] if is_decoder(model) else capture(model, default_example_kwargs(model))
+    gm = (
+        capture_decoder(model, dt, gqa_sdpa=True)[0]
+        if is_decoder(model)
+        else capture(model, default_example_kwargs(model))
+    )
     gm = lower(apply_run_adapters(gm, run_dir, info), inplace=True, fold_lora=False, fuse=True)
     gm.to(dt)
     params = {

@@ -112,10 +112,10 @@ def export_run(
         if decoder:
             input_names, output_names = decoder_names(cache_geometry(model.config)[0])
         if decoder and not adapted:
-            program, example = export_decoder_program(model, dt)
+            program, example = export_decoder_program(model, dt, gqa_sdpa=True)
             gm, dynamic = program.module(), None
         elif decoder:
-            gm, example = capture_decoder(model, dt)
+            gm, example = capture_decoder(model, dt, gqa_sdpa=True)
             dynamic = decoder_dynamic_shapes(example)
         else:
             gm, example, dynamic, input_names, output_names = _capture_plain(model)

@@ -17,6 +17,9 @@ output heads and base parameter count in ``gm.meta`` like
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -98,26 +101,57 @@ def decoder_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 
 def export_decoder_program(
-    model: nn.Module, dtype: torch.dtype = torch.float32
+    model: nn.Module, dtype: torch.dtype = torch.float32, *, gqa_sdpa: bool = False
 ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """``torch.export`` of :class:`DecoderWithCache` around ``model``, and its example inputs.
 
     :func:`capture_decoder` turns it into a GraphModule for the passes; an export with nothing to
     rewrite (base only) hands it to ``torch.onnx.export`` as it is, which saves tracing it again.
+    ``gqa_sdpa``: see :func:`sdpa_without_repeat_kv`.
     """
     wrapper = DecoderWithCache(model).eval()
     example = decoder_example(model.config, dtype)
-    exported = torch.export.export(wrapper, (), example, dynamic_shapes=decoder_dynamic_shapes(example), strict=False)
+    with sdpa_without_repeat_kv(gqa_sdpa):
+        exported = torch.export.export(
+            wrapper, (), example, dynamic_shapes=decoder_dynamic_shapes(example), strict=False
+        )
     return exported, example
 
 
-def capture_decoder(model: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[fx.GraphModule, dict[str, Any]]:
+@contextlib.contextmanager
+def sdpa_without_repeat_kv(enabled: bool = True) -> Iterator[None]:
+    """While ``enabled``, transformers' SDPA attention passes grouped keys and values to
+    ``scaled_dot_product_attention(enable_gqa=True)`` instead of repeating them first (its
+    ``TRANSFORMERS_SDPA_FORCE_GQA`` switch; a transformers without it ignores it).
+
+    Same attention, a third less capture time: tracing ``repeat_kv``'s reshape of an expanded tensor with
+    symbolic shapes was ~5 of ~15 s for SmolLM2. The ONNX translation spells the grouped attention as the
+    same repeat (so :mod:`~malora_fx.deploy.onnx_passes.gqa_attention` still fuses it). Only exports use
+    it: PyTorch runs (training, the evaluation decoder) keep transformers' default.
+    """
+    if not enabled:
+        yield
+        return
+    key, before = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+
+
+def capture_decoder(
+    model: nn.Module, dtype: torch.dtype = torch.float32, *, gqa_sdpa: bool = False
+) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Capture a causal LM with its KV cache; module names are those of ``model``.
 
     Returns the GraphModule and the example inputs it was captured with
-    (:func:`decoder_example`), which an ONNX export reuses.
+    (:func:`decoder_example`), which an ONNX export reuses. ``gqa_sdpa``: see :func:`sdpa_without_repeat_kv`.
     """
-    exported, example = export_decoder_program(model, dtype)
+    exported, example = export_decoder_program(model, dtype, gqa_sdpa=gqa_sdpa)
     gm = exported.module()
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
