@@ -17,6 +17,7 @@ from torch import fx, nn
 from ..errors import MaloraError
 from ..graph.sources import LoadedModel, load_model
 from .files import config_from_file, load_adapters, read_adapter_config
+from .layers import weights_loaded_next
 from .transform import set_adapters_training, transform
 
 
@@ -36,7 +37,8 @@ def apply_run_adapters(
 
     ``data`` is the run's adapter config, as :func:`read_run` returns it.
     """
-    gm = transform(model, config_from_file(data), example_kwargs)
+    with weights_loaded_next():  # load_adapters replaces every adapter tensor, or raises
+        gm = transform(model, config_from_file(data), example_kwargs)
     load_adapters(gm, run_dir)
     set_adapters_training(gm, False)
     return gm

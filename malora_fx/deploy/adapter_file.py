@@ -67,7 +67,7 @@ def make_initializers_overridable(path: Path, names: set[str]) -> None:
     """Declare the initializers ``names`` as graph inputs too (onnxruntime lets a run override them)."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: the weights file stays as it is
     present = {i.name for i in model.graph.input}
     for init in model.graph.initializer:
         if init.name in names and init.name not in present:

@@ -6,7 +6,13 @@ from conftest import METHODS, small_config
 from reference import reference_update
 
 from malora_fx.adapters.accounting import site_parameters
-from malora_fx.adapters.layers import LAYER_CLASSES, make_layer, random_expert_bases, site_generator
+from malora_fx.adapters.layers import (
+    LAYER_CLASSES,
+    make_layer,
+    random_expert_bases,
+    site_generator,
+    weights_loaded_next,
+)
 from malora_fx.adapters.routing import load_balancing_loss, route
 
 
@@ -58,6 +64,29 @@ def test_malora_init_reconstructs_first_expert_basis():
     torch.testing.assert_close(layer.P[0] @ layer.S, bases[0][: cfg.rank], atol=1e-5, rtol=1e-5)
     # S_A has orthonormal rows when beta = 1
     torch.testing.assert_close(layer.S @ layer.S.T, torch.eye(10), atol=1e-5, rtol=0)
+
+
+def test_layers_to_be_loaded_skip_the_svd_and_a_run_loads_exactly(tmp_path):
+    from conftest import randomize_adapters, tiny
+
+    import malora_fx as mf
+    from malora_fx.adapters.run_dir import load_run
+
+    cfg = small_config("malora")
+    with weights_loaded_next():
+        skipped = make_layer(24, 20, cfg, "blk.proj")
+    assert torch.count_nonzero(skipped.S) == 0 and torch.count_nonzero(skipped.P) == 0
+    assert torch.count_nonzero(make_layer(24, 20, cfg, "blk.proj").S) > 0  # outside, the SVD init again
+    model, kwargs = tiny("tiny-llama")
+    gm = mf.transform(model, cfg, kwargs)
+    randomize_adapters(gm, seed=11)
+    mf.save_adapters(gm, tmp_path / "run", base_model="tiny-llama")
+    loaded, _ = load_run(str(tmp_path / "run"))
+    saved = {name: p for name, p in gm.named_parameters() if p.requires_grad}
+    got = {name: p for name, p in loaded.named_parameters() if p.requires_grad}
+    assert sorted(got) == sorted(saved) and len(saved) == 4 * len(mf.adapter_layers(gm))  # S, P, B, router
+    for name, value in got.items():
+        assert torch.equal(value, saved[name]), name
 
 
 def test_malora_beta_scales_shared_and_coefficients_inversely():

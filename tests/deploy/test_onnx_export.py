@@ -274,18 +274,15 @@ def test_fp16_and_no_cache_exports(tmp_path):
     assert np.abs(plain - ref).max() <= 1e-4
 
 
-def test_external_data_above_the_size_limit(tmp_path, monkeypatch):
-    from malora_fx.deploy import onnx_export
-
+def test_weights_live_in_the_data_file(tmp_path):
     run = make_run(tmp_path / "run", "tiny-llama", "malora")
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the model were over 2 GB
-    out = export_run(run, tmp_path / "big")
+    out = export_run(run, tmp_path / "exp")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     external = [i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
     inline = [i for i in graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
     assert external and max(len(i.raw_data) for i in inline) <= 1024  # every weight lives in the data file
     files = {e.value for i in external for e in i.external_data if e.key == "location"}
-    assert all((out / f).is_file() for f in files)
+    assert files == {"model.onnx.data"} and (out / "model.onnx.data").is_file()
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
     gen = OrtGenerator(out, "cpu")
     gm, _ = load_run(str(run))
