@@ -104,7 +104,7 @@ def translate_graph(gm: fx.GraphModule, input_names: list[str], output_names: li
     reason = _unsupported(gm, input_names, output_names) or _untranslatable(gm.graph, registry)
     if reason:
         return _refuse(reason)
-    copy = _graph_copy(gm)
+    copy = _graph_copy(gm, output_nodes(gm, output_names) or [])
     _normalise(copy.graph)
     program = _lift(copy)
     _promote_types(program.graph_module)
@@ -116,12 +116,16 @@ def translate_graph(gm: fx.GraphModule, input_names: list[str], output_names: li
     return onnx_program
 
 
-def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule over a copy of ``gm``'s graph (node metadata copied, tensors and submodules shared)."""
+def _graph_copy(gm: fx.GraphModule, outputs: list[fx.Node]) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph returning (copies of) ``outputs``; node metadata is
+    copied, tensors and submodules are shared."""
     graph = fx.Graph()
-    outputs, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)  # type: ignore[misc]
-    graph.output(outputs)
-    return fx.GraphModule(gm, graph)
+    copies: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, copies)
+    graph.output(tuple(copies[n] for n in outputs))
+    copy = fx.GraphModule(gm, graph)
+    copy.graph.eliminate_dead_code()  # what only an unused output needed (a BERT's pooler)
+    return copy
 
 
 def _refuse(reason: str) -> None:
@@ -137,11 +141,10 @@ def _unsupported(gm: fx.GraphModule, input_names: list[str], output_names: list[
         return f"{len(inputs)} graph inputs for {len(input_names)} names"
     if set(inputs) == set(input_names) and inputs != list(input_names):
         return f"the inputs are named in another order than the graph's ({', '.join(inputs)})"
-    output = next(n for n in graph.nodes if n.op == "output")
-    flat = output.args[0]
-    if not isinstance(flat, (tuple, list)) or len(flat) != len(output_names):
-        return f"the graph's outputs are not {len(output_names)} flat values"
-    if not all(isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) for a in flat):
+    flat = output_nodes(gm, output_names)
+    if flat is None:
+        return f"the graph's outputs are not {len(output_names)} flat values or fields named {', '.join(output_names)}"
+    if not all(isinstance(a.meta.get("val"), torch.Tensor) for a in flat):
         return "an output is not a tensor"
     for node in graph.nodes:
         if node.op == "call_module" and not (node.target == GUARDS_MODULE and not node.users):
@@ -155,6 +158,26 @@ def _unsupported(gm: fx.GraphModule, input_names: list[str], output_names: list[
         if node.op == "call_function" and node.target not in DROPPED and node.meta.get("val") is None:
             return f"node {node.name} ({node.target}) has no fake value"
     return None
+
+
+def output_nodes(gm: fx.GraphModule, output_names: list[str]) -> list[fx.Node] | None:
+    """The graph's output nodes for ``output_names``: all of them in order when there are as many, else
+    the named fields of the model output the graph returns (``last_hidden_state`` of a BERT that returns
+    ``pooler_output`` too); None when neither fits."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = output.args[0]
+    if not isinstance(flat, (tuple, list)) or not all(isinstance(a, fx.Node) for a in flat):
+        return None
+    if len(flat) == len(output_names):
+        return list(flat)
+    spec = getattr(gm, "_out_spec", None)
+    fields = getattr(spec, "context", None)
+    leaves = getattr(spec, "num_leaves", None)
+    if not isinstance(fields, list) or leaves != len(flat) or len(fields) != len(flat):
+        return None
+    if not all(name in fields for name in output_names):
+        return None
+    return [flat[fields.index(name)] for name in output_names]
 
 
 def _stale_value(node: fx.Node, tensor: torch.Tensor | None) -> str | None:

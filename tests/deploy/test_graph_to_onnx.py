@@ -142,3 +142,33 @@ def test_mixed_dtypes_get_explicit_casts(tmp_path):
     (y,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x.numpy(), "counts": counts.numpy()})
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, (x * counts + (counts > 1)).numpy(), rtol=1e-6)
+
+
+def test_encoder_export_selects_the_named_field_and_matches_torch_onnx_export(tmp_path):
+    """A BERT returns last_hidden_state and pooler_output; the export keeps the first, translated directly."""
+    run = make_run(tmp_path / "run", "tiny-bert", "malora")
+    clock = StageClock()
+    direct = export_run(run, tmp_path / "direct", clock=clock)
+    traced = export_run(run, tmp_path / "traced", direct=False)
+    assert "translate" in clock.seconds and "torch.onnx" not in clock.seconds
+    assert _ops(direct) == _ops(traced)
+    session = ort.InferenceSession(str(direct / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state"]
+    rng = np.random.default_rng(3)
+    feed = {i.name: rng.integers(0, 2 if "type" in i.name else 100, size=(2, 6)) for i in session.get_inputs()}
+    feed["attention_mask"][1, 4:] = 0  # a padded row
+    (got,) = session.run(None, feed)
+    (expected,) = ort.InferenceSession(str(traced / "model.onnx")).run(None, feed)
+    assert np.abs(got - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_output_nodes_by_position_or_field():
+    from malora_fx.deploy.graph_to_onnx import output_nodes
+
+    model, kwargs = tiny("tiny-bert")
+    gm = mf.capture(model, kwargs)
+    flat = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert gm._out_spec.context == ["last_hidden_state", "pooler_output"]
+    assert output_nodes(gm, ["pooler_output"]) == [flat[1]]
+    assert output_nodes(gm, ["a", "b"]) == list(flat)  # as many names as outputs: in order
+    assert output_nodes(gm, ["logits"]) is None
