@@ -24,8 +24,9 @@ GraphModule, up to the names of folded constants (same nodes; the tests compare 
 holds anything this does not cover — a submodule call, a higher-order op, an op without an ONNX
 function, an in-place op, a node without a fake value, outputs that are not a flat list of tensors —
 :func:`translate_graph` returns ``None`` with the reason logged, and the caller uses
-``torch.onnx.export``. It uses torch.onnx internals (``_core``, ``_registration``, the type-promotion
-interpreter); :func:`direct_translation_available` says whether this torch has them.
+``torch.onnx.export``; so it does, with a warning, when the translation itself fails. It uses
+torch.onnx internals (``_core``, ``_registration``, the type-promotion interpreter);
+:func:`direct_translation_available` says whether this torch has them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import fx
 from torch.export import graph_signature as sig
 
+from ..errors import first_line
 from ..passes import attr_tensor
 
 logger = logging.getLogger(__name__)
@@ -104,7 +106,15 @@ def translate_graph(gm: fx.GraphModule, input_names: list[str], output_names: li
     reason = _unsupported(gm, input_names, output_names) or _untranslatable(gm.graph, registry)
     if reason:
         return _refuse(reason)
-    copy = _graph_copy(gm, output_nodes(gm, output_names) or [])
+    try:
+        return _translate(_graph_copy(gm, output_nodes(gm, output_names) or []), input_names, output_names, registry)
+    except Exception as exc:  # torch.onnx internals of another torch version, an op this has not met
+        logger.warning("direct ONNX translation failed (%s); tracing with torch.onnx.export", first_line(exc))
+        return None
+
+
+def _translate(copy: fx.GraphModule, input_names: list[str], output_names: list[str], registry):
+    """Steps 1-4 of the module docstring on ``copy`` (rewritten in place)."""
     _normalise(copy.graph)
     program = _lift(copy)
     _promote_types(program.graph_module)

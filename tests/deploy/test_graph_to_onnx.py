@@ -172,3 +172,20 @@ def test_output_nodes_by_position_or_field():
     assert output_nodes(gm, ["pooler_output"]) == [flat[1]]
     assert output_nodes(gm, ["a", "b"]) == list(flat)  # as many names as outputs: in order
     assert output_nodes(gm, ["logits"]) is None
+
+
+def test_a_failing_translation_falls_back_to_torch_onnx_export(tmp_path, monkeypatch, caplog):
+    from malora_fx.deploy import graph_to_onnx
+
+    def broken(*args, **kwargs):
+        raise TypeError("an internal signature this torch does not have")
+
+    monkeypatch.setattr(graph_to_onnx, "_lift", broken)
+    run = make_run(tmp_path / "run", "tiny-llama", "hydralora")
+    clock = StageClock()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = export_run(run, tmp_path / "exp", clock=clock)
+    assert "direct ONNX translation failed (an internal signature this torch does not have)" in caplog.text
+    assert "torch.onnx" in clock.seconds and "translate" in clock.seconds  # tried, then traced
+    got = ort.InferenceSession(str(out / "model.onnx")).run(["logits"], _decoder_feed(seed=2))[0]
+    assert np.isfinite(got).all() and got.shape == (2, 5, 258)
