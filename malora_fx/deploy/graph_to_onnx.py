@@ -102,11 +102,11 @@ def translate_graph(gm: fx.GraphModule, input_names: list[str], output_names: li
     """
     if not direct_translation_available():
         return _refuse("this torch lacks the torch.onnx internals it uses")
-    registry = _registry(opset)
-    reason = _unsupported(gm, input_names, output_names) or _untranslatable(gm.graph, registry)
-    if reason:
-        return _refuse(reason)
     try:
+        registry = _registry(opset)
+        reason = _unsupported(gm, input_names, output_names) or _untranslatable(gm.graph, registry)
+        if reason:
+            return _refuse(reason)
         return _translate(_graph_copy(gm, output_nodes(gm, output_names) or []), input_names, output_names, registry)
     except Exception as exc:  # torch.onnx internals of another torch version, an op this has not met
         logger.warning("direct ONNX translation failed (%s); tracing with torch.onnx.export", first_line(exc))

@@ -56,11 +56,10 @@ from .stage_clock import StageClock
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-# The weights (tensors over 1 KB) live in model.onnx.data, as in onnxruntime-genai's builder folders: no
-# protobuf size limit, and saving writes the tensors' bytes as they are (~0.8 s for SmolLM2 with MALoRA)
+# The weights (tensors over 1 KB) go to model.onnx.data beside it, as in onnxruntime-genai's builder folders:
+# no protobuf size limit, and saving writes the tensors' bytes as they are (~0.8 s for SmolLM2 with MALoRA)
 # instead of copying them into one message first (~4.5 s).
-DATA_FILE = "model.onnx.data"
+MODEL_FILE = "model.onnx"
 
 
 def export_run(
@@ -333,7 +332,7 @@ def _write_export(
             if manifest.moe_kernel and not program.model.meta.get("moe_routing"):
                 manifest = dataclasses.replace(manifest, moe_kernel=False)  # no routed site matched
         with clock("save"):
-            _save_checked(program, gm, manifest, tmp, tokenizer, config)
+            _save_checked(program, manifest, tmp, tokenizer, config)
 
 
 def _torch_onnx_export(module, example, dynamic, manifest: ExportManifest):
@@ -355,11 +354,11 @@ def _torch_onnx_export(module, example, dynamic, manifest: ExportManifest):
     return program
 
 
-def _save_checked(program, gm: nn.Module, manifest: ExportManifest, tmp: Path, tokenizer, config) -> None:
+def _save_checked(program, manifest: ExportManifest, tmp: Path, tokenizer, config) -> None:
     """Write the model (checked), tokenizer, genai_config.json and export.json into ``tmp``."""
     import onnx
 
-    program.save(str(tmp / MODEL_FILE), external_data=True)  # the weights in DATA_FILE, written as they are
+    program.save(str(tmp / MODEL_FILE), external_data=True)  # the weights in model.onnx.data
     if manifest.switchable:
         make_initializers_overridable(tmp / MODEL_FILE, set(manifest.adapter_parameters))
     register_checker_schemas()  # onnxruntime's SimplifiedLayerNormalization, when ort_fusions made one

@@ -106,7 +106,8 @@ def export_decoder_program(
     """``torch.export`` of :class:`DecoderWithCache` around ``model``, and its example inputs.
 
     :func:`capture_decoder` turns it into a GraphModule for the passes; an export with nothing to
-    rewrite (base only) hands it to ``torch.onnx.export`` as it is, which saves tracing it again.
+    rewrite (base only) keeps it for ``torch.onnx.export`` should the direct translation decline, which
+    saves tracing it again then.
     ``gqa_sdpa``: see :func:`sdpa_without_repeat_kv`.
     """
     wrapper = DecoderWithCache(model).eval()
