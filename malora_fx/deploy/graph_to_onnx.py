@@ -62,7 +62,7 @@ PASSED_THROUGH = frozenset(
 )
 CASTS = frozenset({aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other})
 RENAMED = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: aten.bitwise_or.Tensor}
-SYMBOLIC = frozenset({operator.getitem})
+TRANSLATED_APART = frozenset({operator.getitem})  # the translation picks an output of a multi-output op itself
 
 
 def direct_translation_available() -> bool:
@@ -75,23 +75,22 @@ def direct_translation_available() -> bool:
 
 
 def _internals():
-    from torch.onnx._internal.exporter import _core, _fx_passes, _ir_passes, _registration
+    from torch.onnx._internal.exporter import _core, _ir_passes, _registration
     from torch.onnx._internal.fx.passes import type_promotion
 
     for module, name in [
         (_core, "_exported_program_to_onnx_program"),
         (_ir_passes, "rename_inputs"),
-        (_fx_passes, "remove_assertion_nodes"),
         (type_promotion, "_TypePromotionInterpreter"),
         (type_promotion, "get_type_promotion_rule"),
     ]:
         getattr(module, name)
-    return _core, _fx_passes, _ir_passes, _registration, type_promotion
+    return _core, _ir_passes, _registration, type_promotion
 
 
 @functools.lru_cache(maxsize=4)
 def _registry(opset: int):
-    _, _, _, registration, _ = _internals()
+    _, _, registration, _ = _internals()
     return registration.ONNXRegistry.from_torchlib(opset_version=opset)
 
 
@@ -104,22 +103,23 @@ def translate_graph(gm: fx.GraphModule, input_names: list[str], output_names: li
         return _refuse("this torch lacks the torch.onnx internals it uses")
     try:
         registry = _registry(opset)
-        reason = _unsupported(gm, input_names, output_names) or _untranslatable(gm.graph, registry)
+        outputs = output_nodes(gm, output_names)
+        reason = _unsupported(gm, input_names, output_names, outputs) or _untranslatable(gm.graph, registry)
         if reason:
             return _refuse(reason)
-        return _translate(_graph_copy(gm, output_nodes(gm, output_names) or []), input_names, output_names, registry)
+        copy = _graph_copy(gm, cast(list[fx.Node], outputs))  # not None: _unsupported refuses that
+        return _translate(copy, input_names, output_names, registry)
     except Exception as exc:  # torch.onnx internals of another torch version, an op this has not met
         logger.warning("direct ONNX translation failed (%s); tracing with torch.onnx.export", first_line(exc))
         return None
 
 
 def _translate(copy: fx.GraphModule, input_names: list[str], output_names: list[str], registry):
-    """Steps 1-4 of the module docstring on ``copy`` (rewritten in place)."""
+    """Steps 1-4 of the module docstring on ``copy`` (rewritten in place; step 1 drops the assertions)."""
     _normalise(copy.graph)
     program = _lift(copy)
     _promote_types(program.graph_module)
-    core, fx_passes, ir_passes, _, _ = _internals()
-    program._graph_module = fx_passes.remove_assertion_nodes(program.graph_module)
+    core, ir_passes, _, _ = _internals()
     onnx_program = core._exported_program_to_onnx_program(program, registry=registry)
     ir_passes.rename_inputs(onnx_program.model, input_names)
     ir_passes.rename_outputs(onnx_program.model, output_names)
@@ -143,18 +143,20 @@ def _refuse(reason: str) -> None:
     return None
 
 
-def _unsupported(gm: fx.GraphModule, input_names: list[str], output_names: list[str]) -> str | None:
-    """Why ``gm`` is not a flat torch.export graph this module translates (None when it is)."""
+def _unsupported(
+    gm: fx.GraphModule, input_names: list[str], output_names: list[str], outputs: list[fx.Node] | None
+) -> str | None:
+    """Why ``gm`` (whose :func:`output_nodes` are ``outputs``) is not a flat torch.export graph this module
+    translates (None when it is)."""
     graph = gm.graph
     inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(input_names):
         return f"{len(inputs)} graph inputs for {len(input_names)} names"
     if set(inputs) == set(input_names) and inputs != list(input_names):
         return f"the inputs are named in another order than the graph's ({', '.join(inputs)})"
-    flat = output_nodes(gm, output_names)
-    if flat is None:
+    if outputs is None:
         return f"the graph's outputs are not {len(output_names)} flat values or fields named {', '.join(output_names)}"
-    if not all(isinstance(a.meta.get("val"), torch.Tensor) for a in flat):
+    if not all(isinstance(a.meta.get("val"), torch.Tensor) for a in outputs):
         return "an output is not a tensor"
     for node in graph.nodes:
         if node.op == "call_module" and not (node.target == GUARDS_MODULE and not node.users):
@@ -244,7 +246,7 @@ def _untranslatable(graph: fx.Graph, registry) -> str | None:
     """The first op the translation cannot take as it is (None when every one is fine)."""
     normalised = DROPPED | PASSED_THROUGH | CASTS
     for node in graph.nodes:
-        if node.op != "call_function" or node.target in SYMBOLIC or node.target in normalised:
+        if node.op != "call_function" or node.target in TRANSLATED_APART or node.target in normalised:
             continue
         target = RENAMED.get(node.target, node.target)
         if isinstance(target, torch._ops.HigherOrderOperator):
@@ -310,7 +312,7 @@ def _lift(gm: fx.GraphModule) -> torch.export.ExportedProgram:
 def _promote_types(gm: fx.GraphModule) -> None:
     """torch.onnx's explicit type promotion (casts where an op mixes dtypes), run on the fake values the
     nodes already carry: only a node it changes is run again (module docstring, step 3)."""
-    _, _, _, _, type_promotion = _internals()
+    _, _, _, type_promotion = _internals()
 
     interpreter: Any = type_promotion._TypePromotionInterpreter
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import METHODS, small_config
+from conftest import METHODS, randomize_adapters, small_config, tiny
 from reference import reference_update
 
+import malora_fx as mf
 from malora_fx.adapters.accounting import site_parameters
 from malora_fx.adapters.layers import (
     LAYER_CLASSES,
@@ -14,6 +15,7 @@ from malora_fx.adapters.layers import (
     weights_loaded_next,
 )
 from malora_fx.adapters.routing import load_balancing_loss, route
+from malora_fx.adapters.run_dir import load_run
 
 
 def _random_layer(method, n=24, m=20, normalize=False, **changes):
@@ -67,11 +69,6 @@ def test_malora_init_reconstructs_first_expert_basis():
 
 
 def test_layers_to_be_loaded_skip_the_svd_and_a_run_loads_exactly(tmp_path):
-    from conftest import randomize_adapters, tiny
-
-    import malora_fx as mf
-    from malora_fx.adapters.run_dir import load_run
-
     cfg = small_config("malora")
     with weights_loaded_next():
         skipped = make_layer(24, 20, cfg, "blk.proj")
