@@ -253,8 +253,9 @@ def emit(graph: fx.Graph, target, args: tuple, source: fx.Node, pass_name: str, 
     node.meta.pop("val", None)
     node.meta.pop("tensor_meta", None)
     if fake_mode is not None:
-        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-        if not any(isinstance(a, fx.Node) and v is None for a, v in zip(args, vals, strict=True)):
+        inputs = node.all_input_nodes  # nodes in lists (``cat``) included
+        if all(n.meta.get("val") is not None for n in inputs):
+            vals = list(fx.node.map_arg(args, lambda n: n.meta["val"]))
             with fake_mode:
                 node.meta["val"] = _fake_value(target, vals)
     return node
@@ -300,6 +301,17 @@ def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def delete_unreferenced(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Dead-code eliminate, then delete those of ``targets`` (dotted tensor paths) that no
+    ``get_attr`` node reads any more, so an export does not carry them."""
+    gm.graph.eliminate_dead_code()
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in targets - still_read:
+        owner_name, _, attr = target.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        delattr(owner, attr)
+
+
 def cleanup(gm: fx.GraphModule) -> None:
     """Dead-code elimination, lint, recompile (Torch-TensorRT's cleanup)."""
     gm.graph.eliminate_dead_code()
@@ -332,20 +344,27 @@ def merge_pipeline() -> list[GraphPass]:
     return [FoldAdapters()]
 
 
-def lower_pipeline(fold_lora: bool = True, fuse: bool = False) -> list[GraphPass]:
+def lower_pipeline(fold_lora: bool = True, fuse: bool = False, join_up: bool = True) -> list[GraphPass]:
     """Trained or merged graph → static graph: fold (if not yet), lower the routing,
-    and (``fuse``) concatenate the projections that read the same input as a
+    and (``fuse``) give each lowered up-projection and its base projection one GEMM
+    (``join_up``), then concatenate the projections that read the same input as a
     lowered adapter into one GEMM (base-only groups are left alone).
 
     ``fold_lora=False`` keeps LoRA updates out of the base weights (switchable
     exports); the adapter tensors then stay unfused, so nothing is fused there.
+    ``join_up=False`` keeps the up-projections apart (the ``MoE`` kernel export
+    matches them there).
     """
     from .fold_adapters import FoldAdapters
     from .fuse_projections import FuseProjections
+    from .join_up_projections import JoinUpProjections
     from .lower_routing import LowerRouting
 
     passes: list[GraphPass] = [FoldAdapters(fold_lora), LowerRouting()]
     if fuse:
         adapters = (f"{LOWERED_ATTR}.",)
-        passes.append(FuseProjections(keep_separate=() if fold_lora else adapters, only_groups_reading=adapters))
+        keep_separate = () if fold_lora else adapters
+        if join_up:
+            passes.append(JoinUpProjections(keep_separate=keep_separate))
+        passes.append(FuseProjections(keep_separate=keep_separate, only_groups_reading=adapters))
     return passes

@@ -60,6 +60,7 @@ from . import (
     PassResult,
     attach_buffer,
     attr_tensor,
+    delete_unreferenced,
     emit,
     fake_mode_of,
 )
@@ -106,7 +107,7 @@ class FuseProjections(BasePass):
         for group in groups:
             _fuse(gm, group, min((p.node for p in group), key=order.__getitem__))
         if groups:
-            _delete_unreferenced(gm, sources)
+            delete_unreferenced(gm, sources)
         return PassResult(gm, modified=bool(groups), matches=len(groups))
 
     def ensures(self, gm: fx.GraphModule) -> None:
@@ -210,12 +211,3 @@ def _fuse(gm: fx.GraphModule, group: list[Projection], earliest: fx.Node) -> Non
         proj.node.replace_all_uses_with(part)
         graph.erase_node(proj.node)
 
-
-def _delete_unreferenced(gm: fx.GraphModule, targets: set[str]) -> None:
-    """Delete the source weights that no ``get_attr`` node reads any more."""
-    gm.graph.eliminate_dead_code()
-    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in targets - still_read:
-        owner_name, _, attr = target.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        delattr(owner, attr)

@@ -79,7 +79,9 @@ def merge(gm: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
     return target
 
 
-def lower(gm: fx.GraphModule, *, inplace: bool = False, fold_lora: bool = True, fuse: bool = False) -> fx.GraphModule:
+def lower(
+    gm: fx.GraphModule, *, inplace: bool = False, fold_lora: bool = True, fuse: bool = False, join_up: bool = True
+) -> fx.GraphModule:
     """Replace routed adapters by static ops (MatMul, Softmax, TopK, Scatter,
     Mul); merges first if needed. The result has no adapter modules and no
     data-dependent shapes, ready for ``torch.export`` / ONNX. With
@@ -87,9 +89,12 @@ def lower(gm: fx.GraphModule, *, inplace: bool = False, fold_lora: bool = True, 
     into the base weights, so every adapter tensor remains its own buffer
     (``gm.malora_lowered``), overridable after export. ``fuse=True`` then
     concatenates the projections that read the same input as a lowered adapter
-    — the base weights, routers and shared down-projections of q/k/v, of
-    gate/up, of down — into one GEMM each (``passes/fuse_projections.py``);
-    groups without an adapter, and switchable adapter tensors, stay apart.
+    — the routers and shared down-projections of q/k/v, of gate/up, of down —
+    into one GEMM each (``passes/fuse_projections.py``), after each adapter's
+    up-projection has joined its base projection's GEMM as ``[x, a] @ [Wᵀ ; U]``
+    (``passes/join_up_projections.py``; ``join_up=False`` keeps them apart, and
+    the base weights then join the fused GEMMs instead); groups without an
+    adapter, and switchable adapter tensors, stay apart.
 
     ``inplace=True`` rewrites ``gm`` itself; by default a copy is lowered and
     ``gm`` is left as it was (base weights shared, not copied).
@@ -98,5 +103,5 @@ def lower(gm: fx.GraphModule, *, inplace: bool = False, fold_lora: bool = True, 
         >>> lowered = malora_fx.lower(malora_fx.merge(gm), inplace=True, fuse=True)  # one copy, gm unchanged
     """
     target = gm if inplace else copy_graph(gm)
-    run_passes(target, lower_pipeline(fold_lora, fuse))
+    run_passes(target, lower_pipeline(fold_lora, fuse, join_up))
     return target

@@ -129,7 +129,8 @@ def export_run(
                 gm = lower(gm, inplace=True, fold_lora=False, fuse=fuse)
             else:
                 gm = merge(gm, inplace=True)
-                gm = lower(gm, inplace=True, fuse=fuse) if lowered else gm
+                # the MoE kernel pass matches the up-projections in their own MatMuls
+                gm = lower(gm, inplace=True, fuse=fuse, join_up=not moe_kernel) if lowered else gm
     gm.to(dt)
     manifest = ExportManifest(
         base_model=info["base_model"],
