@@ -301,6 +301,17 @@ def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def get_attr_target(arg) -> str:
+    """The dotted target of a ``get_attr`` node, else ``""``."""
+    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else ""
+
+
+def constant_of(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` argument, else None."""
+    target = get_attr_target(arg)
+    return attr_tensor(gm, target) if target else None
+
+
 def delete_unreferenced(gm: fx.GraphModule, targets: set[str]) -> None:
     """Dead-code eliminate, then delete those of ``targets`` (dotted tensor paths) that no
     ``get_attr`` node reads any more, so an export does not carry them."""

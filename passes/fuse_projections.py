@@ -7,8 +7,10 @@ multiply ``x`` by a constant 2-D weight held by the module:
     aten.matmul(x, Wᵀ)       Wᵀ a get_attr of shape [in, out]  (lowered adapters)
 
 with the same dtype and input width. In a lowered decoder layer these are
-q/k/v with their routers and shared down-projections ``S_A``, and
-gate/up with theirs; at a single adapted site, ``W``, ``W_g`` and ``S_A``
+the routers and shared down-projections ``S_A`` of q/k/v, of gate/up and of
+down (after ``join_up_projections`` has moved each adapted site's base ``W``
+into one GEMM with its up-projection); without that join (``lower(...,
+join_up=False)``) the base ``W`` of each adapted site is in the group too
 (see docs/method.md, 'Fusion').
 
 Produces, per group, with the concatenated weight stored as one buffer
@@ -59,10 +61,11 @@ from . import (
     BasePass,
     PassResult,
     attach_buffer,
-    attr_tensor,
+    constant_of,
     delete_unreferenced,
     emit,
     fake_mode_of,
+    get_attr_target,
 )
 
 aten = torch.ops.aten
@@ -140,29 +143,17 @@ class FuseProjections(BasePass):
         if node.op != "call_function" or not node.args or node.args[0] is not x or node.kwargs:
             return None
         if node.target is aten.linear.default and len(node.args) in (2, 3):
-            weight, bias = _constant(gm, node.args[1]), _constant(gm, node.args[2]) if len(node.args) == 3 else None
+            weight, bias = constant_of(gm, node.args[1]), constant_of(gm, node.args[2]) if len(node.args) == 3 else None
             if weight is None or (len(node.args) == 3 and node.args[2] is not None and bias is None):
                 return None
             weight_t: torch.Tensor | None = weight.T
         elif node.target is aten.matmul.default and len(node.args) == 2:
-            weight_t, bias = _constant(gm, node.args[1]), None
+            weight_t, bias = constant_of(gm, node.args[1]), None
         else:
             return None
-        if weight_t is None or weight_t.dim() != 2 or _target(node.args[1]).startswith(self.keep_separate):
+        if weight_t is None or weight_t.dim() != 2 or get_attr_target(node.args[1]).startswith(self.keep_separate):
             return None
         return Projection(node, weight_t, bias)
-
-
-def _constant(gm: fx.GraphModule, arg) -> torch.Tensor | None:
-    """The tensor behind a ``get_attr`` argument, else None."""
-    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-        return None
-    return attr_tensor(gm, str(arg.target))
-
-
-def _target(arg) -> str:
-    """The ``get_attr`` target of an argument node."""
-    return str(arg.target) if isinstance(arg, fx.Node) else ""
 
 
 @torch.no_grad()
@@ -175,7 +166,7 @@ def _fuse(gm: fx.GraphModule, group: list[Projection], earliest: fx.Node) -> Non
     bias = None
     if any(p.bias is not None for p in group):
         bias = torch.cat([p.bias if p.bias is not None else weight.new_zeros(p.out_features) for p in group])
-    name = f"{_target(first.args[1]).replace('.', '_')}__x{len(group)}"
+    name = f"{get_attr_target(first.args[1]).replace('.', '_')}__x{len(group)}"
     graph = gm.graph
     with graph.inserting_before(earliest):
         out = emit(
@@ -210,4 +201,3 @@ def _fuse(gm: fx.GraphModule, group: list[Projection], earliest: fx.Node) -> Non
     for proj, part in zip(group, slices, strict=True):  # outside the block: the insertion point is one of these nodes
         proj.node.replace_all_uses_with(part)
         graph.erase_node(proj.node)
-

@@ -54,10 +54,11 @@ from . import (
     BasePass,
     PassResult,
     attach_buffer,
-    attr_tensor,
+    constant_of,
     delete_unreferenced,
     emit,
     fake_mode_of,
+    get_attr_target,
 )
 
 aten = torch.ops.aten
@@ -79,7 +80,7 @@ class Site:
     @property
     def sources(self) -> set[str]:
         """The ``get_attr`` targets of W and U (read before the site's nodes are erased)."""
-        return {_get_attr_target(self.linear.args[1]), _get_attr_target(self.up.args[1])}
+        return {get_attr_target(self.linear.args[1]), get_attr_target(self.up.args[1])}
 
 
 class JoinUpProjections(BasePass):
@@ -124,13 +125,13 @@ class JoinUpProjections(BasePass):
         """The site of ``add = linear + up`` when both read constants of matching shapes and only ``add`` reads them."""
         if len(linear.users) != 1 or len(up.users) != 1 or linear.kwargs or up.kwargs:
             return None
-        up_target = _get_attr_target(up.args[1])
+        up_target = get_attr_target(up.args[1])
         is_up = up_target.startswith(f"{LOWERED_ATTR}.") and up_target.endswith("__up")
         if not is_up or up_target.startswith(self.keep_separate):
             return None
-        weight, up_weight = _constant(gm, linear.args[1]), _constant(gm, up.args[1])
+        weight, up_weight = constant_of(gm, linear.args[1]), constant_of(gm, up.args[1])
         bias = linear.args[2] if len(linear.args) == 3 else None
-        if weight is None or up_weight is None or (bias is not None and _constant(gm, bias) is None):
+        if weight is None or up_weight is None or (bias is not None and constant_of(gm, bias) is None):
             return None
         if weight.dim() != 2 or up_weight.dim() != 2 or up_weight.shape[1] != weight.shape[0]:
             return None
@@ -141,15 +142,6 @@ def _is_call(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
-def _get_attr_target(arg) -> str:
-    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else ""
-
-
-def _constant(gm: fx.GraphModule, arg) -> torch.Tensor | None:
-    target = _get_attr_target(arg)
-    return attr_tensor(gm, target) if target else None
-
-
 @torch.no_grad()
 def _join(gm: fx.GraphModule, site: Site) -> None:
     """Replace ``site.add`` by ``cat([x, a]) @ [Wᵀ ; U] (+ b)``, inserted right before it."""
@@ -157,7 +149,7 @@ def _join(gm: fx.GraphModule, site: Site) -> None:
     bias = site.linear.args[2] if len(site.linear.args) == 3 else None
     fake_mode = fake_mode_of(x)
     stacked = torch.cat([site.weight.T, site.up_weight], dim=0)
-    name = f"{_get_attr_target(site.linear.args[1]).replace('.', '_')}__up"
+    name = f"{get_attr_target(site.linear.args[1]).replace('.', '_')}__up"
     graph = gm.graph
     with graph.inserting_before(site.add):
         joined = emit(graph, aten.cat.default, ([x, a], -1), site.add, JoinUpProjections.name, fake_mode)

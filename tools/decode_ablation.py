@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
 import onnx
-from bench_serving import RawSession  # tools/ is on sys.path when this file runs as a script
+from bench_serving import RawSession, machine  # tools/ is on sys.path when this file runs as a script
 
 SPREAD = "malora_constants.spread_"
 
@@ -129,9 +128,9 @@ def main(argv=None) -> int:
         "routing nodes (Softmax, TopK, Mul, ScatterElements, spread MatMul, gate Mul)": ("exported", "no routing"),
         "adapter GEMMs (routers, shared down, per-expert, up-projections)": ("no routing", "base"),
     }
-    machine = f"{platform.platform()}, {platform.processor() or platform.machine()}, {args.threads} intra-op threads"
+    where = f"{machine()}; {args.threads} intra-op threads"
     lines = [
-        f"machine: {machine}; {sites} routed sites; medians of {args.rounds} alternated rounds; "
+        f"machine: {where}; {sites} routed sites; medians of {args.rounds} alternated rounds; "
         f"decode = one step after {args.seq} tokens, prefill 1 x {args.seq}",
         "",
         "| graph | nodes | prefill ms | decode ms |",
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.json:
-        record = {"machine": machine, "sites": sites, "nodes": nodes, "median_ms": med, "rounds": args.rounds}
+        record = {"machine": where, "sites": sites, "nodes": nodes, "median_ms": med, "rounds": args.rounds}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
