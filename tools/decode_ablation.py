@@ -13,8 +13,9 @@ in one process, three graphs that differ by one part each:
                   the spread MatMul and the gate Mul of every site are gone (wrong outputs, same GEMMs).
 
 Differences of the medians attribute the export's extra time: routing nodes = exported - no
-routing; the adapters' GEMMs (routers, shared down-projections, per-expert and up-projections:
-their weight bytes) = no routing - base. Needs a routed export (MALoRA, MoLoRA, HydraLoRA) and
+routing (a chain that ``group_routing`` shares between sites counts once); the adapters' GEMMs
+(routers, shared down-projections, per-expert and up-projections: their weight bytes) = no
+routing - base. Needs a routed export (MALoRA, MoLoRA, HydraLoRA) and
 our base export of the same model. Read differences under ~1 ms with care: on a 2-core VM two
 identical graphs differ by that much between runs.
 
@@ -31,28 +32,40 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from bench_serving import RawSession, machine  # tools/ is on sys.path when this file runs as a script
-
-SPREAD = "malora_constants.spread_"
+from onnx import numpy_helper
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
+def is_spread(init: onnx.TensorProto) -> int:
+    """N·r when ``init`` is a routed site's (or group's) 0/1 spread matrix ``[N, N·r]``, else 0."""
+    dims = list(init.dims)
+    if len(dims) != 2 or not dims[0] or dims[1] % dims[0] or dims[0] * dims[1] > 1 << 20:
+        return 0
+    matrix = numpy_helper.to_array(init)
+    block = np.kron(np.eye(dims[0]), np.ones((1, dims[1] // dims[0])))
+    return dims[1] if np.array_equal(matrix, block) else 0
+
+
 def gate_muls(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
-    """{gated output: (ungated h, N·r)} for every ``h * (g @ spread)`` of a routed site."""
+    """{gated output: (ungated h, N·r)} for every ``h * (g @ spread)`` of a routed site or group."""
     made = producers(graph)
-    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    inits = {init.name: init for init in graph.initializer}
     found = {}
     for node in graph.node:
         if node.op_type != "Mul" or len(node.input) != 2:
             continue
         for h, spread in (node.input, node.input[::-1]):
             source = made.get(spread)
-            if source is not None and source.op_type == "MatMul" and source.input[1].startswith(SPREAD):
-                found[node.output[0]] = (h, shapes[source.input[1]][1])
+            if source is not None and source.op_type == "MatMul" and source.input[1] in inits:
+                width = is_spread(inits[source.input[1]])
+                if width:
+                    found[node.output[0]] = (h, width)
     return found
 
 

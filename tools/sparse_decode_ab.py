@@ -11,7 +11,10 @@ only its k chosen experts' rows of the up-projection ``U`` instead of all N·r o
     a_k  = h_k * (v @ spread_k)                        # gated, [.., k·r]
     y    = x @ Wᵀ + Reshape(Unsqueeze(a_k, -2) @ U_k, [0, 0, -1])
 
-Exact (the other experts' gates are 0). The gather form is applied at every token count, so its
+Exact (the other experts' gates are 0). Only sites whose gated coefficients feed their joined GEMM
+directly are rewritten: on an export whose q/k/v and gate/up are routed together
+(``group_routing``) that leaves the down projections; the figures in docs/method.md were measured
+on an export made before that pass. The gather form is applied at every token count, so its
 prefill figure is not what a graph with an ``If`` on the token count would pay; its decode figure
 is the question: does reading k/N of ``U`` pay for the nodes the gathers add? Prints the largest
 logit difference and the decode / prefill ratios (gather form over dense), medians of alternated
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from bench_serving import RawSession, decoder_feeds, machine  # tools/ is on sys.path as a script
-from decode_ablation import gate_muls, producers, prune, write_variant
+from decode_ablation import gate_muls, is_spread, producers, prune, write_variant
 from onnx import helper, numpy_helper
 
 JOINED = "__up"
@@ -103,7 +106,7 @@ def sparse_up(model: onnx.ModelProto) -> int:
 def _experts(graph: onnx.GraphProto, width: int) -> int:
     """N, the number of experts: the rows of the spread matrix ``[N, N·r]`` of this width."""
     for init in graph.initializer:
-        if init.name.startswith("malora_constants.spread_") and init.dims[1] == width:
+        if is_spread(init) == width:
             return int(init.dims[0])
     raise SystemExit(f"sparse_decode_ab: no spread matrix of width {width}")
 

@@ -293,7 +293,9 @@ def test_weights_live_in_the_data_file(tmp_path):
 
 
 def test_lowering_and_fusion_node_counts(tmp_path):
-    """11 ONNX nodes per routed site; fusion turns each layer's 9 + 6 + 3 projections into 3 GEMMs."""
+    """11 ONNX nodes per routed site; fusion turns each layer's 9 + 6 + 3 projections into 3 GEMMs,
+    and group_routing (which needs the fused GEMMs' shared logits) merges the spread and per-expert
+    MatMuls of q/k/v (3 + 3 -> 1 + 1) and of gate/up (2 + 2 -> 1 + 1)."""
     six = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
     run = make_run(tmp_path / "run", "tiny-llama", "malora", targets=six)
     layers = tiny("tiny-llama")[0].config.num_hidden_layers
@@ -304,7 +306,7 @@ def test_lowering_and_fusion_node_counts(tmp_path):
     count = {name: len(g.graph.node) for name, g in graphs.items()}
     matmuls = {name: sum(n.op_type == "MatMul" for n in g.graph.node) for name, g in graphs.items()}
     assert count["unfused"] - count["base"] == 11 * 6 * layers
-    assert matmuls["unfused"] - matmuls["fused"] == (8 + 5 + 2) * layers
+    assert matmuls["unfused"] - matmuls["fused"] == (8 + 5 + 2 + 4 + 2) * layers
     assert json.loads((tmp_path / "fused" / "export.json").read_text())["fused"] is True
     ids = np.random.default_rng(7).integers(0, 258, size=(2, 5))
     fused, unfused = (_logits(OrtGenerator(tmp_path / n, "cpu"), ids) for n in ("fused", "unfused"))

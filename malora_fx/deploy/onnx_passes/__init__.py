@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from .cleanup import cleanup
 from .gqa_attention import fuse_group_query_attention
+from .group_routing import group_routed_sites
 from .mha_attention import fuse_multi_head_attention
 from .moe_routing import fuse_moe_routing
 from .ort_fusions import fuse_for_ort
@@ -32,6 +33,7 @@ EXPORT_PASSES: list[tuple[str, Callable[[ir.Model], ir.passes.PassResult], bool]
     ("mha_attention", fuse_multi_head_attention, True),
     ("ort_fusions", fuse_for_ort, True),
     ("moe_routing", fuse_moe_routing, True),
+    ("group_routing", group_routed_sites, False),
 ]
 # Passes that run only when asked for (``optimize_onnx(moe_kernel=True)``): measured slower on CPU.
 OPT_IN_PASSES = {"moe_routing": "moe_kernel"}
