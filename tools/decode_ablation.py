@@ -32,10 +32,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from bench_serving import RawSession, machine  # tools/ is on sys.path when this file runs as a script
 from onnx import numpy_helper
+
+from malora_fx.deploy.onnx_passes._routing import spread_shape
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -45,11 +46,10 @@ def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def is_spread(init: onnx.TensorProto) -> int:
     """N·r when ``init`` is a routed site's (or group's) 0/1 spread matrix ``[N, N·r]``, else 0."""
     dims = list(init.dims)
-    if len(dims) != 2 or not dims[0] or dims[1] % dims[0] or dims[0] * dims[1] > 1 << 20:
+    if len(dims) != 2 or dims[0] * dims[1] > 1 << 20:  # not converted: far larger than any spread matrix
         return 0
-    matrix = numpy_helper.to_array(init)
-    block = np.kron(np.eye(dims[0]), np.ones((1, dims[1] // dims[0])))
-    return dims[1] if np.array_equal(matrix, block) else 0
+    shape = spread_shape(numpy_helper.to_array(init))
+    return shape[0] * shape[1] if shape is not None else 0
 
 
 def gate_muls(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:

@@ -20,8 +20,9 @@ had (bit-identical logits on SmolLM2). On SmolLM2's MALoRA (150 of its 180 sites
 the graph loses 330 of 2,132 nodes, and decode measured 0.94-0.98x (prefill 0.99-1.02x) of the
 ungrouped graph in four alternated A/B runs of 9 rounds (docs/method.md, 'Routing sites together').
 
-Matched only in its exact lowered form: ``spread`` the 0/1 block map, a zero-scalar Mul, TopK
-and Softmax on the last axis of rank-3 values, ``C`` a constant; sites grouped when their logits
+Matched only in its exact lowered form (``_routing.top_k_gates``, shared with ``moe_routing``):
+``spread`` the 0/1 block map, a zero-scalar Mul, TopK and Softmax on the last axis, rank-3 logits,
+``C`` a constant; sites grouped when their logits
 and ``z`` come from the same node and N, r, k, the normalisation, ``C``'s width and the dtype
 agree. Sites turned into MoE nodes (``moe_routing``, which runs first) are not seen.
 """
@@ -35,6 +36,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ._attention import NodeBuilder
+from ._routing import spread_shape, top_k_gates
 from ._values import const_array, producer_of, replace_value
 
 __all__ = ["RoutedGate", "group_routed_sites", "match_gate"]
@@ -63,65 +65,24 @@ class RoutedGate:
         return (id(source), self.experts, self.rank, self.top_k, self.normalize, width, self.h.dtype)
 
 
-def _last_axis(node: ir.Node, value: ir.Value | None) -> bool:
-    """Whether ``node`` acts on the last axis of the rank-3 ``value``."""
-    axis = node.attributes.get_int("axis", -1)
-    rank = len(value.shape) if value is not None and value.shape is not None else None
-    return rank == 3 and axis in (-1, 2)
-
-
-def _is_spread(matrix: np.ndarray | None) -> tuple[int, int] | None:
-    """(N, r) when ``matrix`` is the ``[N, N·r]`` 0/1 block map, else None."""
-    if matrix is None or matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] % matrix.shape[0]:
-        return None
-    experts, rank = matrix.shape[0], matrix.shape[1] // matrix.shape[0]
-    return (experts, rank) if np.array_equal(matrix, np.kron(np.eye(experts), np.ones((1, rank)))) else None
-
-
-def _top_k_values(top: ir.Node, updates: ir.Value | None) -> bool | None:
-    """Whether ``updates`` are TopK's values renormalised (True), as they are (False), or neither (None)."""
-    if updates is top.outputs[0]:
-        return False
-    div = producer_of(updates, "Div")
-    total = producer_of(div.inputs[1], "ReduceSum") if div is not None else None
-    if div is None or total is None or div.inputs[0] is not top.outputs[0] or total.inputs[0] is not top.outputs[0]:
-        return None
-    return True
-
-
 def match_gate(gate: ir.Node) -> RoutedGate | None:
     """``gate`` as a site's ``h * (g @ spread)``, with the chain that makes ``g``, else None."""
     if gate.op_type != "Mul" or gate.domain != "" or len(gate.inputs) != 2:
         return None
     for h, spread_out in (gate.inputs, gate.inputs[::-1]):
         spread = producer_of(spread_out, "MatMul")
-        shape = _is_spread(const_array(spread.inputs[1])) if spread is not None else None
-        scatter = producer_of(spread.inputs[0], "ScatterElements") if spread is not None else None
-        if shape is None or scatter is None or h is None:
+        shape = spread_shape(const_array(spread.inputs[1])) if spread is not None else None
+        gates = top_k_gates(spread.inputs[0]) if spread is not None else None
+        if h is None or shape is None or gates is None:
             continue
-        top = producer_of(scatter.inputs[1], "TopK")
-        zeros = producer_of(scatter.inputs[0], "Mul")
-        if top is None or zeros is None or scatter.inputs[1] is not top.outputs[1]:
-            continue
-        probs = top.inputs[0]
-        softmax = producer_of(probs, "Softmax")
-        normalize = _top_k_values(top, scatter.inputs[2])
-        zero = const_array(next((v for v in zeros.inputs if v is not probs), None))
-        k = const_array(top.inputs[1])
-        if softmax is None or normalize is None or probs not in zeros.inputs or zero is None or k is None:
-            continue
-        if zero.size != 1 or float(zero.reshape(-1)[0]) != 0.0 or not _last_axis(softmax, probs):
-            continue
-        if not (_last_axis(top, probs) and _last_axis(scatter, probs)) or top.attributes.get_int("largest", 1) == 0:
-            continue
-        logits = softmax.inputs[0]
-        if logits is None:
+        logits, top_k, normalize = gates
+        if logits.shape is None or len(logits.shape) != 3:  # Reshape [0, 0, S, N] keeps batch and sequence
             continue
         down = producer_of(h, "MatMul")
         c = const_array(down.inputs[1]) if down is not None else None
         z = down.inputs[0] if down is not None and c is not None and c.ndim == 2 else None
         experts, rank = shape
-        return RoutedGate(gate, logits, h, z, c if z is not None else None, experts, rank, int(k[0]), normalize)
+        return RoutedGate(gate, logits, h, z, c if z is not None else None, experts, rank, top_k, normalize)
     return None
 
 
@@ -141,18 +102,26 @@ def _coefficients(builder: NodeBuilder, sites: list[RoutedGate]) -> list[ir.Node
     concatenated."""
     anchor = sites[0].logits.producer()
     same_source = all(s.z is not None and s.z.producer() is anchor for s in sites)
-    blocks = [s.c for s in sites]
-    if same_source and all(c is not None for c in blocks):
-        rows, cols = sum(c.shape[0] for c in blocks), sum(c.shape[1] for c in blocks)  # type: ignore[union-attr]
-        if rows * cols <= MAX_BLOCK_DIAGONAL:
-            matrix = np.zeros((rows, cols), dtype=blocks[0].dtype)  # type: ignore[union-attr]
-            r = c = 0
-            for block in blocks:
-                matrix[r : r + block.shape[0], c : c + block.shape[1]] = block  # type: ignore[union-attr]
-                r, c = r + block.shape[0], c + block.shape[1]  # type: ignore[union-attr]
-            concat = builder.node("Concat", [s.z for s in sites], {"axis": -1})
-            return [concat, builder.node("MatMul", [concat.outputs[0], builder.const(matrix, "block_c")])]
+    blocks = [s.c for s in sites if s.c is not None]
+    if same_source and len(blocks) == len(sites) and _block_elements(blocks) <= MAX_BLOCK_DIAGONAL:
+        concat = builder.node("Concat", [s.z for s in sites], {"axis": -1})
+        matrix = builder.const(_block_diagonal(blocks), "block_c")
+        return [concat, builder.node("MatMul", [concat.outputs[0], matrix])]
     return [builder.node("Concat", [s.h for s in sites], {"axis": -1})]
+
+
+def _block_elements(blocks: list[np.ndarray]) -> int:
+    return sum(b.shape[0] for b in blocks) * sum(b.shape[1] for b in blocks)
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    """The matrix with ``blocks`` on its diagonal and zeros elsewhere."""
+    matrix = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), blocks[0].dtype)
+    row = col = 0
+    for block in blocks:
+        matrix[row : row + block.shape[0], col : col + block.shape[1]] = block
+        row, col = row + block.shape[0], col + block.shape[1]
+    return matrix
 
 
 def _group(graph: ir.Graph, sites: list[RoutedGate], index: int) -> None:

@@ -38,6 +38,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from ._attention import NodeBuilder, only_consumer
+from ._routing import spread_shape, top_k_gates
 from ._values import DOMAIN, const_array, producer_of, replace_value
 
 __all__ = ["MoESite", "fuse_moe_routing", "match_site", "onnxruntime_lacks_moe"]
@@ -92,65 +93,6 @@ def _down_map(h: ir.Value | None) -> tuple[ir.Value, np.ndarray] | None:
     return _linear_from(h)
 
 
-def _is_zero_scalar(value: ir.Value | None) -> bool:
-    array = const_array(value)
-    return array is not None and array.size == 1 and float(array.reshape(())) == 0.0
-
-
-def _gates(spread_in: ir.Value | None) -> tuple[ir.Value, int, bool] | None:
-    """``(logits, k, normalised)`` when ``spread_in`` is the top-k gates of ``Softmax(logits)``."""
-    scatter = producer_of(spread_in, "ScatterElements")
-    if scatter is None or len(scatter.inputs) != 3:
-        return None
-    axis = scatter.attributes.get("axis")
-    reduction = scatter.attributes.get("reduction")
-    if axis is None or axis.value != -1 or (reduction is not None and reduction.value != "none"):
-        return None
-    zeros, indices, updates = scatter.inputs
-    if zeros is None or indices is None or updates is None:
-        return None
-    mul = producer_of(zeros, "Mul")
-    topk = indices.producer() if indices is not None else None
-    if mul is None or topk is None or topk.op_type != "TopK" or topk.domain != "" or indices is not topk.outputs[1]:
-        return None
-    normalize = False
-    if updates is not topk.outputs[0]:
-        div = producer_of(updates, "Div")
-        total = producer_of(div.inputs[1], "ReduceSum") if div is not None else None
-        if (
-            div is None
-            or total is None
-            or div.inputs[0] is not topk.outputs[0]
-            or total.inputs[0] is not topk.outputs[0]
-        ):
-            return None
-        normalize = True
-    probs = topk.inputs[0]
-    softmax = producer_of(probs, "Softmax")
-    if softmax is None or softmax.inputs[0] is None:
-        return None
-    k = const_array(topk.inputs[1])
-    largest = topk.attributes.get("largest")
-    topk_axis = topk.attributes.get("axis")
-    if softmax is None or k is None or (largest is not None and largest.value != 1):
-        return None
-    if (topk_axis is not None and topk_axis.value != -1) or softmax.attributes.get("axis") is None:
-        return None
-    if softmax.attributes["axis"].value != -1:
-        return None
-    others = [v for v in mul.inputs if v is not probs]
-    if len(others) != 1 or len(mul.inputs) != 2 or not _is_zero_scalar(others[0]):  # probs * 0: zeros like probs
-        return None
-    return softmax.inputs[0], int(k.reshape(-1)[0]), normalize
-
-
-def _is_spread(array: np.ndarray | None, num_experts: int) -> bool:
-    if array is None or array.ndim != 2 or array.shape[0] != num_experts or array.shape[1] % num_experts:
-        return False
-    rank = array.shape[1] // num_experts
-    return bool(np.array_equal(array, np.kron(np.eye(num_experts), np.ones((1, rank))).astype(array.dtype)))
-
-
 def match_site(anchor: ir.Node) -> MoESite | None:
     """The routed site whose last node is ``anchor`` (``MatMul(h * (g @ spread), U_cat)``), else None."""
     if anchor.op_type != "MatMul" or anchor.domain != "":
@@ -162,15 +104,16 @@ def match_site(anchor: ir.Node) -> MoESite | None:
     for h, spread_out in (mul.inputs, reversed(mul.inputs)):
         spread_mm = producer_of(spread_out, "MatMul")
         spread = const_array(spread_mm.inputs[1]) if spread_mm is not None else None
-        gates = _gates(spread_mm.inputs[0]) if spread_mm is not None else None
+        gates = top_k_gates(spread_mm.inputs[0]) if spread_mm is not None else None
         down = _down_map(h)
         if gates is None or down is None or spread is None:
             continue
         logits, k, normalize = gates
-        num_experts = spread.shape[0]
+        shape = spread_shape(spread)
         router = _linear_from(logits)
-        if not _is_spread(spread, num_experts) or not down[1].shape[1] == up.shape[0] == spread.shape[1]:
+        if shape is None or not down[1].shape[1] == up.shape[0] == spread.shape[1]:
             continue
+        num_experts = shape[0]
         if router is None or router[0] is not down[0] or not 1 <= k <= num_experts:
             continue
         return MoESite(anchor, down[0], logits, down[1], up, num_experts, k, normalize)
