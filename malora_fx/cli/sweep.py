@@ -12,7 +12,9 @@ def add_parsers(sub) -> None:
         "sweep",
         help="run a quality sweep (models x suites x methods x ranks x lrs x steps x seeds), resumable",
         description="Run every cell of SPEC (TOML or JSON) not yet in OUT/results.jsonl: transform, train, "
-        "evaluate; then write OUT/results.md and plots. Run the same command again to resume.",
+        "evaluate; then write OUT/results.md and plots. Run the same command again to resume. With "
+        "lr_search_seeds = K in SPEC, every lr runs on the first K seeds and the later seeds at the lr chosen "
+        "on the validation split.",
     )
     p.add_argument("spec", help="sweep spec, .toml or .json (see examples/sweep/)")
     p.add_argument("--out", required=True, help="sweep directory (new, empty, or an earlier run of a sweep)")
@@ -53,12 +55,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..errors import MaloraError
     from ..training.sweep import (
         RESULTS,
-        cells,
+        Cell,
         load_spec,
         parse_shard,
         read_results,
         run_sweep,
         shard_cells,
+        slots,
         with_device,
         with_methods,
     )
@@ -80,12 +83,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.methods:
         spec = with_methods(spec, args.methods)
     if args.dry_run:
-        done = {r["id"] for r in read_results(Path(args.out) / RESULTS)}
-        todo = shard_cells(cells(spec), shard)
-        for cell in todo:
-            print(f"{'done' if cell.id in done else 'todo'}  {cell.id}")
-        left = sum(c.id not in done for c in todo)
-        print(f"{len(todo)} cells, {len(todo) - left} done, {left} to run")
+        rows = read_results(Path(args.out) / RESULTS)
+        done = {r["id"] for r in rows}
+        plan = shard_cells(slots(spec, rows), shard)
+        for slot in plan:
+            print(
+                f"{'done' if slot.id in done else 'todo'}  {slot.id}"
+                if isinstance(slot, Cell)
+                else f"wait  {slot.name}"
+            )
+        finished = sum(isinstance(c, Cell) and c.id in done for c in plan)
+        waiting = sum(not isinstance(c, Cell) for c in plan)
+        line = f"{len(plan)} cells, {finished} done, {len(plan) - finished - waiting} to run"
+        print(line + (f", {waiting} waiting for the lr choice on the first seeds" if waiting else ""))
         return 0
     report = not args.no_report and shard is None
     rows = run_sweep(spec, args.out, report=report, shard=shard, only_own_cells=bool(args.methods))

@@ -41,14 +41,16 @@ from typing import Any
 
 from ..errors import MaloraError
 from ..fileio import atomic_write
+from .sweep_plan import Waiting, cells, slots
 from .sweep_results import append_result, read_results
 from .sweep_select import parse_shard, shard_cells, with_device, with_methods
-from .sweep_spec import Cell, SuiteSpec, SweepSpec, cells, load_spec, parse_spec
+from .sweep_spec import Cell, SuiteSpec, SweepSpec, load_spec, parse_spec
 
 __all__ = [
     "Cell",
     "append_result",
     "SweepSpec",
+    "Waiting",
     "cells",
     "load_spec",
     "parse_shard",
@@ -56,6 +58,7 @@ __all__ = [
     "read_results",
     "run_sweep",
     "shard_cells",
+    "slots",
     "with_device",
     "with_methods",
 ]
@@ -319,6 +322,18 @@ def prepare_dir(out: Path, spec: SweepSpec, say: Say, own: set[str] | None = Non
     return rows
 
 
+def _ids(plan: list[Cell | Waiting]) -> set[str]:
+    return {c.id for c in plan if isinstance(c, Cell)}
+
+
+def _counts(plan: list[Cell | Waiting], done: set[str]) -> str:
+    """``"K already done, M to run"`` (and ``", W waiting for the lr choice"``)."""
+    finished = len(done & _ids(plan))
+    waiting = sum(isinstance(c, Waiting) for c in plan)
+    text = f"{finished} already done, {len(plan) - finished - waiting} to run"
+    return text + (f", {waiting} waiting for the lr choice" if waiting else "")
+
+
 def run_sweep(
     spec: SweepSpec | str | Path,
     out: str | Path,
@@ -334,21 +349,24 @@ def run_sweep(
     at once into the same ``out`` (each appends its own lines; write the report once they are done).
     ``only_own_cells`` (implied by ``shard``) leaves the unfinished folders of cells that are not
     ``spec``'s alone: another run into ``out`` (``--methods`` of another label) may be working on them.
+    With ``lr_search_seeds``, a later seed's cell runs once the search cells of its setting have
+    finished (:mod:`.sweep_plan`); cells still waiting at the end are named in one message.
     """
     say = say or _say
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
     out = Path(out)
-    todo_all = shard_cells(cells(spec), shard)
-    own = {c.id for c in todo_all} if shard or only_own_cells else None
-    done = {r["id"] for r in prepare_dir(out, spec, say, own)}
-    todo = [c for c in todo_all if c.id not in done]
-    total, finished = len(todo_all), len(todo_all) - len(todo)
+    rows = read_results(out / RESULTS)
+    plan = shard_cells(slots(spec, rows), shard)
+    own = {c.id for c in plan if isinstance(c, Cell)} if shard or only_own_cells else None
+    rows = prepare_dir(out, spec, say, own)
+    done = {r["id"] for r in rows}
     where = f" in shard {shard[0]}/{shard[1]}" if shard else ""
     of_shard = f" of shard {shard[0]}/{shard[1]}" if shard else ""
-    say(f"{total} cells{where}, {finished} already done, {len(todo)} to run")
-    runner, spent = _Runner(out, say), 0.0
-    for number, cell in enumerate(todo, 1):
-        label = f"cell {finished + 1}/{total}{of_shard} {cell.id}"
+    say(f"{len(plan)} cells{where}, {_counts(plan, done)}")
+    runner, spent, number = _Runner(out, say), 0.0, 0
+    while todo := [c for c in plan if isinstance(c, Cell) and c.id not in done]:
+        cell, number = todo[0], number + 1
+        label = f"cell {len(done & _ids(plan)) + 1}/{len(plan)}{of_shard} {cell.id}"
 
         def say_step(message: str, label: str = label) -> None:
             say(f"{label}: {message}")
@@ -356,12 +374,20 @@ def run_sweep(
         say_step("starting")
         row = runner.run(cell, say_step)
         append_result(out / RESULTS, row)
-        finished += 1
+        rows = read_results(out / RESULTS)  # with the lines of other runs into ``out`` (shards)
+        done = {r["id"] for r in rows}
         spent += row["wall_seconds"]
-        left = len(todo) - number
+        plan = shard_cells(slots(spec, rows), shard)  # a finished search cell may choose a later cell's lr
+        left, score = sum(not (isinstance(c, Cell) and c.id in done) for c in plan), row["eval"]["exact_match"]
         say(
-            f"cell {finished}/{total}{of_shard} done (eval EM {100 * row['eval']['exact_match']:.1f}%, "
+            f"cell {len(done & _ids(plan))}/{len(plan)}{of_shard} done (eval EM {100 * score:.1f}%, "
             f"{row['wall_seconds']:.0f} s), {left} left, ETA {_clock(spent / number * left)}"
+        )
+    waiting = [slot.name for slot in plan if isinstance(slot, Waiting)]
+    if waiting:
+        say(
+            f"{len(waiting)} cells wait for the lr choice (first: {waiting[0]}): the search cells of their "
+            "setting are not all finished; run again when the runs working on them are done"
         )
     rows = read_results(out / RESULTS)
     if report and rows:

@@ -3,7 +3,9 @@
 A small model leaves most of a GPU idle: one process spends its time launching kernels. N processes,
 each running every N-th cell (:func:`~.sweep.shard_cells`), keep it busier. The parent prepares the
 directory once (so the shards find ``spec.json`` and no partial cell of an earlier run), starts the
-shards, waits for all of them, and writes the report over every finished cell.
+shards, waits for all of them, and writes the report over every finished cell. With
+``lr_search_seeds``, a shard may stop while a later-seed cell of its share still waits for another
+shard's search cells; the parent then starts another round for the cells that became runnable.
 """
 
 from __future__ import annotations
@@ -15,7 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MaloraError
-from .sweep import RESULTS, Say, _say, cells, load_spec, prepare_dir, read_results, with_device, with_methods
+from .sweep import (
+    RESULTS,
+    Cell,
+    Say,
+    _say,
+    cells,
+    load_spec,
+    prepare_dir,
+    read_results,
+    slots,
+    with_device,
+    with_methods,
+)
 
 
 def shard_command(
@@ -26,6 +40,17 @@ def shard_command(
     command += ["--shard", f"{index}/{jobs}", "--no-report"]
     command += ["--device", device] if device else []
     return command + (["--methods", methods] if methods else [])
+
+
+def _run_round(commands: list[list[str]], env: dict[str, str]) -> list[int]:
+    """Start one process per command, wait for all; their exit codes (all stopped if this one is)."""
+    shards = [subprocess.Popen(command, env=env) for command in commands]
+    try:
+        return [shard.wait() for shard in shards]
+    except BaseException:
+        for shard in shards:
+            shard.terminate()
+        raise
 
 
 def run_jobs(
@@ -50,20 +75,21 @@ def run_jobs(
         spec = with_device(spec, device)
     if methods:
         spec = with_methods(spec, methods)
-    jobs = min(jobs, len(cells(spec)))
     out = Path(out)
-    prepare_dir(out, spec, say, {c.id for c in cells(spec)} if methods else None)
+    plan = slots(spec, read_results(out / RESULTS))
+    jobs = min(jobs, len(plan))
+    prepare_dir(out, spec, say, {c.id for c in plan if isinstance(c, Cell)} if methods else None)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    say(f"starting {jobs} shards")
     commands = [shard_command(spec_path, out, i, jobs, device, methods) for i in range(1, jobs + 1)]
-    shards = [subprocess.Popen(command, env=env) for command in commands]
-    try:
-        codes = [shard.wait() for shard in shards]
-    except BaseException:
-        for shard in shards:
-            shard.terminate()
-        raise
+    while True:
+        say(f"starting {jobs} shards")
+        codes = _run_round(commands, env)
+        rows = read_results(out / RESULTS)
+        runnable = [c for c in cells(spec, rows) if c.id not in {r["id"] for r in rows}]
+        if any(codes) or not runnable:
+            break
+        say(f"{len(runnable)} cells can run now that their lr is chosen: another round")
     rows = read_results(out / RESULTS)
     if report and rows:
         from .sweep_report import write_report

@@ -3,8 +3,8 @@
 Cells are grouped by model × suite × method (label) × rank × steps × lr; each
 group shows mean ± sample std over its seeds. When the cells have a validation
 split, the learning rate of each model × suite × method × rank × steps is the
-one with the best mean validation exact match (ties: lower validation loss),
-and the "chosen" table and the plots report the eval split at that lr; without
+one with the best mean validation exact match (ties: lower validation loss) on
+the seeds every lr ran, and the "chosen" table and the plots report the eval split at that lr; without
 a validation split the plots use every lr and the table lists them all. The
 eval split never picks anything.
 
@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import MaloraError
 from ..fileio import atomic_write
 from .sweep import RESULTS, read_results
+from .sweep_plan import lr_score
 
 REPORT = "results.md"
 
@@ -87,18 +88,24 @@ def group_rows(rows: list[dict[str, Any]]) -> list[Group]:
 
 
 def choose_lr(groups: list[Group]) -> list[Group] | None:
-    """Per setting, the group whose lr has the best mean validation EM (ties: lower loss); None without validation."""
+    """Per setting, the group whose lr has the best mean validation EM (ties: lower loss); None without validation.
+
+    The lrs are compared on the seeds that all of them ran: with ``lr_search_seeds``, the later seeds
+    ran the chosen lr only, and would otherwise weigh in on its side."""
     if not groups or not all(g.has_validation for g in groups):
         return None
-    best: dict[tuple, Group] = {}
+    by_setting: dict[tuple, list[Group]] = defaultdict(list)
     for g in groups:
-        score = (g.mean("validation"), -g.mean("validation", "loss"))
-        if g.setting not in best or score > (
-            best[g.setting].mean("validation"),
-            -best[g.setting].mean("validation", "loss"),
-        ):
-            best[g.setting] = g
-    return list(best.values())
+        by_setting[g.setting].append(g)
+    chosen = []
+    for candidates in by_setting.values():
+        common = set.intersection(*({r["seed"] for r in g.rows} for g in candidates))
+
+        def score(g: Group, common: set[int] = common) -> tuple[float, float]:
+            return lr_score([r for r in g.rows if r["seed"] in common] if common else g.rows)
+
+        chosen.append(max(candidates, key=score))
+    return chosen
 
 
 def _pct(mean: float, std: float | None) -> str:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TypeVar
 
 from ..errors import MaloraError
 from .args import TrainArgs
-from .sweep_spec import Cell, SweepSpec
+from .sweep_spec import SweepSpec
 
 __all__ = ["parse_shard", "shard_cells", "with_device", "with_methods"]
+
+Slot = TypeVar("Slot")
 
 
 def with_device(spec: SweepSpec, device: str) -> SweepSpec:
@@ -47,9 +50,10 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def shard_cells(all_cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
-    """Shard ``I/N``'s share of the cells: every N-th cell from the I-th, so that each shard gets every
-    method and the early seeds first. The N shards are disjoint and together cover every cell."""
+def shard_cells(all_cells: list[Slot], shard: tuple[int, int] | None) -> list[Slot]:
+    """Shard ``I/N``'s share of the cells (or of :func:`~.sweep_plan.slots`): every N-th from the I-th,
+    so that each shard gets every method and the early seeds first. The N shards are disjoint and
+    together cover every cell."""
     if shard is None:
         return all_cells
     index, count = shard

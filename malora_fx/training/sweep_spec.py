@@ -3,14 +3,16 @@
 A spec names the axes of a quality sweep: models × suites × seeds × methods ×
 ranks × steps × learning rates. :func:`load_spec` reads and validates it
 strictly: an unknown key or a bad value is one :class:`MaloraError` naming the
-key (``methods.lora.rank``), the value and what is allowed. :func:`cells`
-expands a spec into its cartesian product; every :class:`Cell` carries the
+key (``methods.lora.rank``), the value and what is allowed. :func:`product`
+expands a spec into its cartesian product (:mod:`.sweep_plan` cuts it when
+``lr_search_seeds`` searches the lrs on the first seeds only); every :class:`Cell` carries the
 validated ``MALoRAConfig`` and ``TrainArgs`` it runs with and a stable
 :attr:`Cell.id` (readable slug + a digest of every setting that reaches the
 cell), so a finished cell is recognised across runs and machines.
 
 Spec keys (top level): ``name``, ``models``, ``suites``, ``methods``,
-``seeds``, ``lrs``, ``steps``, ``ranks``, ``targets``, ``data_seed`` and the
+``seeds``, ``lrs``, ``lr_search_seeds``, ``steps``, ``ranks``, ``targets``,
+``data_seed`` and the
 tables ``train`` and ``eval``; see the README section "Quality sweeps".
 """
 
@@ -31,7 +33,19 @@ from ..errors import MaloraError
 from .args import TrainArgs
 from .suites import SUITES
 
-TOP_KEYS = ("name", "models", "suites", "methods", "seeds", "lrs", "steps", "ranks", "targets", "data_seed")
+TOP_KEYS = (
+    "name",
+    "models",
+    "suites",
+    "methods",
+    "seeds",
+    "lrs",
+    "lr_search_seeds",
+    "steps",
+    "ranks",
+    "targets",
+    "data_seed",
+)
 TABLES = ("train", "eval")
 SUITE_KEYS = ("train", "eval", "validation")
 METHOD_KEYS = (
@@ -100,10 +114,13 @@ class SweepSpec:
     train: dict[str, Any]
     eval: EvalSpec
     source: str = "spec"
+    lr_search_seeds: int | None = None  # every lr on the first K seeds only; None: on every seed
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("source")
+        if self.lr_search_seeds is None:  # the spec.json of sweeps without the key stays as it was
+            data.pop("lr_search_seeds")
         data["suites"] = {s.name: {k: getattr(s, k) for k in SUITE_KEYS} for s in self.suites}
         return data
 
@@ -327,12 +344,14 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
         if eval_data.get("max_new_tokens") is None
         else _int(source, "eval.max_new_tokens", eval_data["max_new_tokens"], 1),
     )
+    suites = _suites(source, data["suites"])
+    seeds = _list(source, "seeds", data.get("seeds", [0]), lambda s, k, v: _int(s, k, v, 0))
     return SweepSpec(
         name=_str(source, "name", data.get("name", Path(source).stem)),
         models=models,
-        suites=_suites(source, data["suites"]),
+        suites=suites,
         methods=methods,
-        seeds=_list(source, "seeds", data.get("seeds", [0]), lambda s, k, v: _int(s, k, v, 0)),
+        seeds=seeds,
         lrs=_list(source, "lrs", data["lrs"], _number),
         steps=_list(source, "steps", data["steps"], lambda s, k, v: _int(s, k, v, 1)),
         ranks=ranks,
@@ -341,7 +360,26 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
         train=train,
         eval=eval_spec,
         source=source,
+        lr_search_seeds=_lr_search_seeds(source, data.get("lr_search_seeds"), seeds, suites),
     )
+
+
+def _lr_search_seeds(source: str, value: Any, seeds: tuple[int, ...], suites: tuple[SuiteSpec, ...]) -> int | None:
+    """``lr_search_seeds``: 1 to len(seeds); below len(seeds), the later seeds' lr comes from a validation split."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(seeds):
+        raise _fail(source, "lr_search_seeds", value, f"expected an integer from 1 to {len(seeds)} (the seeds)")
+    no_validation = [s.name for s in suites if not s.validation]
+    if value < len(seeds) and no_validation:
+        raise _fail(
+            source,
+            "lr_search_seeds",
+            value,
+            f"the later seeds' lr is chosen on the validation split, and suite {no_validation[0]!r} has none "
+            f"(set suites.{no_validation[0]}.validation)",
+        )
+    return value
 
 
 def _read_toml(path: Path) -> Any:
@@ -375,7 +413,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     return parse_spec(data, str(path))
 
 
-def cells(spec: SweepSpec) -> list[Cell]:
+def product(spec: SweepSpec) -> list[Cell]:
     """The cartesian product, model-major (one model loaded at a time), then suite, seed, steps, lr and
     rank, the methods innermost: a sweep stopped early (or the first round of ``--jobs`` shards) has
     every method at the first settings, side by side, rather than some methods at every setting. The

@@ -28,8 +28,9 @@ from malora_fx.training.sweep import (
     suite_files,
     with_device,
 )
+from malora_fx.training.sweep_plan import Waiting, slots
 from malora_fx.training.sweep_report import write_report
-from malora_fx.training.sweep_spec import SuiteSpec
+from malora_fx.training.sweep_spec import SuiteSpec, product
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sweep"
@@ -80,6 +81,14 @@ def _method(**fields) -> dict:
         (_spec(train={"device": "tpu"}), "train.device: 'tpu'; allowed: cpu, cuda, cuda:N"),
         (_spec(eval={"max_new_tokens": 0}), "eval.max_new_tokens: 0 is not allowed; expected an integer >= 1"),
         ([1, 2], "spec.toml: expected a table of sweep settings, got list"),
+        (_spec(lr_search_seeds=2), "lr_search_seeds: 2 is not allowed; expected an integer from 1 to 1"),
+        (_spec(seeds=[0, 1], lr_search_seeds=0), "lr_search_seeds: 0 is not allowed; expected an integer from 1 to 2"),
+        (_spec(seeds=[0, 1], lr_search_seeds=True), "lr_search_seeds: True is not allowed; expected an integer"),
+        (
+            _spec(seeds=[0, 1], lr_search_seeds=1),
+            "lr_search_seeds: 1 is not allowed; the later seeds' lr is chosen on the validation split, "
+            "and suite 'inter' has none (set suites.inter.validation)",
+        ),
     ],
 )
 def test_spec_errors_name_the_key_the_value_and_what_is_allowed(spec, expected):
@@ -106,8 +115,11 @@ def test_spec_files_toml_json_and_bad_ones(tmp_path):
 
 
 def test_cell_counts_and_settings_of_the_example_specs():
-    paper = cells(load_spec(EXAMPLES / "paper_small.toml"))
+    paper_spec = load_spec(EXAMPLES / "paper_small.toml")
+    paper = product(paper_spec)
     assert len(paper) == 2 * 3 * 6 * 3  # suites x seeds x methods x lrs
+    assert len(cells(paper_spec)) == 2 * 1 * 6 * 3  # lr_search_seeds = 1: seed 0 runs every lr
+    assert len(slots(paper_spec)) == 2 * 6 * (3 + 2)  # and seeds 1 and 2 wait for its choice
     assert len({c.id for c in paper}) == len(paper)
     by_name = {c.method_name: c.config for c in paper}
     assert (by_name["LoRA"].method, by_name["LoRA"].rank) == ("lora", 64)
@@ -271,7 +283,7 @@ def test_cli_dry_run_lists_cells(tmp_path, capsys):
 
 
 def test_shards_are_disjoint_cover_every_cell_and_each_starts_with_the_first_seed():
-    every = cells(load_spec(EXAMPLES / "paper_small.toml"))
+    every = product(load_spec(EXAMPLES / "paper_small.toml"))
     shards = [shard_cells(every, (i, 12)) for i in range(1, 13)]
     ids = [c.id for shard in shards for c in shard]
     assert len(ids) == len(every) == 108 and set(ids) == {c.id for c in every}
@@ -367,3 +379,138 @@ def test_methods_run_leaves_other_methods_cells_in_progress_alone(tmp_path, caps
     assert main(["sweep", str(EXAMPLES / "smoke.toml"), "--out", str(out), "--methods", "lora", "--no-report"]) == 0
     assert [r["id"] for r in read_results(out / RESULTS)] == [lora.id] and in_progress.is_dir()
     assert "removing the unfinished cell" not in capsys.readouterr().err
+
+
+def _searched(lr: float, seed: int, validation: float, loss: float = 1.0, device: str = "cpu", **spec) -> dict:
+    """A results row for the cell of ``_lr_spec`` at ``lr`` and ``seed`` (as the sweep writes it), with
+    these validation numbers; ``device`` is the device it ran on."""
+    cell = next(c for c in product(_lr_spec(**spec)) if c.train.lr == lr and c.seed == seed)
+    settings = cell.settings()
+    settings["train"]["device"] = device
+    scores = {"exact_match": validation, "loss": loss, "n": 2, "tasks": {}}
+    return {"id": f"{cell.id}@{device}", "seed": seed, "lr": lr, "settings": settings, "validation": scores}
+
+
+def _lr_spec(**changes):
+    fields = {
+        "seeds": [0, 1, 2],
+        "lrs": [1e-3, 3e-4, 2e-3],
+        "lr_search_seeds": 1,
+        "suites": {"inter": {"train": 4, "eval": 2, "validation": 1}},
+        "methods": {"lora": {"method": "lora", "rank": 4}},
+    }
+    return parse_spec(_spec(**{**fields, **changes}))
+
+
+def test_later_seeds_wait_for_the_search_seeds_then_run_the_lr_with_the_best_validation():
+    spec = _lr_spec()
+    plan = slots(spec)
+    assert [type(s).__name__ for s in plan] == ["Cell"] * 3 + ["Waiting"] * 2
+    assert plan[3].name == "tiny-llama-inter-lora-r4-st4-lr?-seed1" and cells(spec) == plan[:3]
+    rows = [_searched(1e-3, 0, 0.5), _searched(3e-4, 0, 0.75)]
+    assert len(cells(spec, rows)) == 3  # 2e-3 has not run: no choice yet
+    rows.append(_searched(2e-3, 0, 0.75, loss=0.5, device="cuda"))  # ties on EM, lower loss; ran on a GPU
+    later = cells(spec, rows)[3:]
+    assert [(c.seed, c.train.lr, c.train.device) for c in later] == [(1, 2e-3, "cpu"), (2, 2e-3, "cpu")]
+    full = {(c.seed, c.train.lr): c.id for c in product(spec)}
+    assert [c.id for c in later] == [full[(1, 2e-3)], full[(2, 2e-3)]]  # the full grid's cells at that lr
+    other = _lr_spec(methods={"lora": {"method": "lora", "rank": 8}})  # another setting: these rows do not count
+    assert all(isinstance(s, Waiting) for s in slots(other, rows)[3:])
+    every_seed = _lr_spec(lr_search_seeds=3)
+    assert slots(every_seed, rows) == product(every_seed)
+
+
+def test_with_two_search_seeds_the_choice_waits_for_both_and_averages_them():
+    spec = _lr_spec(lr_search_seeds=2)
+    rows = [_searched(lr, 0, em) for lr, em in ((1e-3, 0.9), (3e-4, 0.1), (2e-3, 0.6))]
+    assert isinstance(slots(spec, rows)[-1], Waiting)
+    rows += [_searched(lr, 1, em) for lr, em in ((1e-3, 0.1), (3e-4, 0.2), (2e-3, 0.6))]
+    assert [(c.seed, c.train.lr) for c in cells(spec, rows)[6:]] == [(2, 2e-3)]  # means 0.5, 0.15, 0.6
+
+
+def test_report_compares_lrs_on_the_seeds_they_all_ran(tmp_path):
+    def row(lr, seed, val):
+        scores = {"exact_match": val, "loss": 1.0, "n": 2, "tasks": {"t": {"exact_match": val, "loss": 1.0, "n": 2}}}
+        return {
+            "id": f"{lr}-{seed}",
+            **{"model": "m", "suite": "inter", "method_name": "LoRA", "method": "lora", "rank": 4, "steps": 10},
+            **{"lr": lr, "seed": seed, "eval": scores, "validation": scores, "base": {"eval": scores}},
+            **{"trainable_parameters": 10, "trainable_percent": 1.0, "train_tokens_per_s": 1.0, "versions": {}},
+        }
+
+    # seed 0 chose 1e-2; seeds 1 and 2 ran only there and did badly: 1e-2 stays the choice
+    for r in [row(1e-3, 0, 0.5), row(1e-2, 0, 0.6), row(1e-2, 1, 0.1), row(1e-2, 2, 0.2)]:
+        append_result(tmp_path / RESULTS, r)
+    write_report(tmp_path)
+    chosen = (tmp_path / "results.md").read_text().split("## Learning rate chosen")[1].split("## Per task")[0]
+    assert "| m | inter | LoRA | 4 | 10 | 0.01 | 3 | 30.0 ± 26.5 |" in chosen and "0.001" not in chosen
+
+
+def test_run_with_lr_search_runs_the_later_seed_at_the_chosen_lr(tmp_path):
+    """A real tiny sweep: 2 lrs on seed 0, then seed 1 at the one with the better validation numbers,
+    in one run_sweep call; a second call has nothing left."""
+    spec = parse_spec(
+        _spec(
+            seeds=[0, 1],
+            lrs=[1e-3, 5e-2],
+            lr_search_seeds=1,
+            steps=[3],
+            targets="q_proj,v_proj",
+            suites={"inter": {"train": 4, "eval": 1, "validation": 1}},
+            methods={"lora": {"method": "lora", "rank": 4}},
+            train={"batch_size": 4, "max_length": 96, "warmup_ratio": 0.0},
+            eval={"max_new_tokens": 4},
+        )
+    )
+    messages: list[str] = []
+    rows = run_sweep(spec, tmp_path / "s", report=False, say=messages.append)
+    assert "3 cells, 0 already done, 2 to run, 1 waiting for the lr choice" in messages
+    assert [(r["seed"], r["lr"]) for r in rows[:2]] == [(0, 1e-3), (0, 5e-2)] and rows[2]["seed"] == 1
+    best = max(rows[:2], key=lambda r: (r["validation"]["exact_match"], -r["validation"]["loss"]))
+    assert rows[2]["lr"] == best["lr"] and any("cell 3/3 done" in m and "0 left" in m for m in messages)
+    messages.clear()
+    assert run_sweep(spec, tmp_path / "s", report=False, say=messages.append) == rows
+    assert messages[-1] == "3 cells, 3 already done, 0 to run"
+
+
+def test_jobs_start_another_round_for_cells_whose_lr_a_shard_chose_late(tmp_path, monkeypatch):
+    """Shard 1 (slots 1 and 3) finishes before shard 2 (slot 2, a search cell) has run: the later
+    seed's cell in slot 3 waits, and the parent's second round runs it. The shards run in-process
+    here, one after the other, in place of the processes."""
+    import malora_fx.training.sweep_jobs as jobs
+
+    data = _spec(
+        seeds=[0, 1],
+        lrs=[1e-3, 5e-2],
+        lr_search_seeds=1,
+        steps=[2],
+        targets="q_proj",
+        suites={"inter": {"train": 2, "eval": 1, "validation": 1}},
+        methods={"lora": {"method": "lora", "rank": 2}},
+        train={"batch_size": 2, "max_length": 64, "warmup_ratio": 0.0},
+        eval={"max_new_tokens": 2},
+    )
+    (tmp_path / "spec.json").write_text(json.dumps(data))
+    rounds: list[list[int]] = []
+
+    def in_process(commands, env):
+        ran = []
+        for command in commands:
+            index, count = parse_shard(command[command.index("--shard") + 1])
+            before = len(read_results(tmp_path / "s" / RESULTS))
+            run_sweep(tmp_path / "spec.json", tmp_path / "s", report=False, say=print, shard=(index, count))
+            ran.append(len(read_results(tmp_path / "s" / RESULTS)) - before)
+        rounds.append(ran)
+        return [0] * len(commands)
+
+    monkeypatch.setattr(jobs, "_run_round", in_process)
+    rows = jobs.run_jobs(tmp_path / "spec.json", tmp_path / "s", 2, report=False, say=print)
+    assert rounds == [[1, 1], [1, 0]] and sorted((r["seed"], r["lr"]) for r in rows)[:2] == [(0, 1e-3), (0, 5e-2)]
+    assert len(rows) == 3 and rows[2]["seed"] == 1
+
+
+def test_cli_dry_run_names_the_waiting_cells(tmp_path, capsys):
+    assert main(["sweep", str(EXAMPLES / "paper_small.toml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "60 cells, 0 done, 36 to run, 24 waiting for the lr choice on the first seeds"
+    assert "wait  smollm2-135m-inter-LoRA-r64-st300-lr?-seed1" in out

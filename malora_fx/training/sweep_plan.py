@@ -1,0 +1,90 @@
+"""Which cells a sweep has, given the cells already finished: the learning rate searched on the first seeds.
+
+A spec with ``lr_search_seeds = K`` runs every learning rate of ``lrs`` on its first K seeds only (the
+search cells). Each later seed runs one cell per setting, at the lr whose search cells have the best
+mean validation exact match (ties: the lower mean validation loss, then the earlier lr of ``lrs``). So
+a 3-seed sweep over a grid of 3 rates costs 3 + 2 = 5 runs per setting instead of 9, and the choice
+never sees the eval split. A later seed's cell is *waiting* until every search cell of its setting
+has finished; its id is then that of the full-grid cell at the chosen lr, so the rows of a sweep run
+without the key count for one run with it.
+
+A setting is a cell's settings but the lr, the seed and the device: search cells run on another
+device (a GPU) choose the lr for later cells run here.
+
+:func:`slots` lays the sweep out in the order of :func:`~.sweep_spec.product` (model, suite, seed,
+steps, lr, rank, method): a later seed's slot stands where its first-lr cell would. Shards take slots
+(every N-th), so a shard's share does not move as lrs are chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .sweep_spec import Cell, SweepSpec, product
+
+__all__ = ["Waiting", "cells", "chosen_lr", "lr_score", "setting_key", "slots"]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A later seed's cell whose lr is not chosen yet: the search cells of its setting are not all done."""
+
+    cell: Cell  # the cell at the spec's first lr, standing for the setting
+
+    @property
+    def name(self) -> str:
+        return self.cell.id.rsplit("-", 1)[0].replace(f"-lr{self.cell.train.lr:g}-", "-lr?-")
+
+
+def setting_key(settings: dict[str, Any]) -> str:
+    """A cell's settings (:meth:`Cell.settings`, or a results row's ``settings``) without lr, seed and device."""
+    train = {k: v for k, v in settings["train"].items() if k not in ("lr", "seed", "device")}
+    config = {k: v for k, v in settings["config"].items() if k != "seed"}
+    return json.dumps({**settings, "train": train, "config": config}, sort_keys=True)
+
+
+def lr_score(rows: Iterable[dict[str, Any]]) -> tuple[float, float]:
+    """The ordering key of an lr, higher is better: (mean validation exact match, minus mean validation loss)."""
+    rows = list(rows)
+    return (
+        statistics.fmean(r["validation"]["exact_match"] for r in rows),
+        -statistics.fmean(r["validation"]["loss"] for r in rows),
+    )
+
+
+def chosen_lr(spec: SweepSpec, cell: Cell, rows: Sequence[dict[str, Any]]) -> float | None:
+    """The lr the search seeds chose for ``cell``'s setting, or None while a search cell is missing."""
+    search = set(spec.seeds[: spec.lr_search_seeds])
+    key = setting_key(cell.settings())
+    by_lr: dict[float, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        if row["seed"] in search and row.get("validation") and setting_key(row["settings"]) == key:
+            by_lr.setdefault(row["lr"], {})[row["seed"]] = row
+    if any(len(by_lr.get(lr, {})) < len(search) for lr in spec.lrs):
+        return None
+    scores = {lr: lr_score(by_lr[lr].values()) for lr in spec.lrs}
+    return max(spec.lrs, key=lambda lr: (scores[lr], -spec.lrs.index(lr)))
+
+
+def slots(spec: SweepSpec, rows: Sequence[dict[str, Any]] = ()) -> list[Cell | Waiting]:
+    """The sweep's cells in order, with a :class:`Waiting` slot for each later-seed cell whose lr is open."""
+    if spec.lr_search_seeds is None or spec.lr_search_seeds >= len(spec.seeds):
+        return list(product(spec))
+    search = set(spec.seeds[: spec.lr_search_seeds])
+    out: list[Cell | Waiting] = []
+    for cell in product(spec):
+        if cell.seed in search:
+            out.append(cell)
+        elif cell.train.lr == spec.lrs[0]:
+            lr = chosen_lr(spec, cell, rows)
+            out.append(Waiting(cell) if lr is None else replace(cell, train=replace(cell.train, lr=lr)))
+    return out
+
+
+def cells(spec: SweepSpec, rows: Sequence[dict[str, Any]] = ()) -> list[Cell]:
+    """The cells that can run now: every cell of ``spec`` but the waiting ones (:func:`slots`)."""
+    return [slot for slot in slots(spec, rows) if isinstance(slot, Cell)]
