@@ -26,6 +26,11 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--methods", help="run only these method labels of the spec (comma-separated)")
     p.add_argument(
+        "--seeds",
+        help="run only these seeds of the spec (comma-separated), e.g. the later seeds of an lr search whose "
+        "first seed ran elsewhere",
+    )
+    p.add_argument(
         "--shard",
         metavar="I/N",
         help="run only shard I of N (every N-th cell from the I-th); N processes can share one --out, e.g. on "
@@ -57,6 +62,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         RESULTS,
         Cell,
         load_spec,
+        only_seeds,
+        parse_seeds,
         parse_shard,
         read_results,
         run_sweep,
@@ -72,7 +79,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from ..training.sweep_jobs import run_jobs
 
         rows = run_jobs(
-            args.spec, args.out, args.jobs, device=args.device, methods=args.methods, report=not args.no_report
+            args.spec,
+            args.out,
+            args.jobs,
+            device=args.device,
+            methods=args.methods,
+            seeds=args.seeds,
+            report=not args.no_report,
         )
         print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
         return 0
@@ -82,10 +95,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = with_device(spec, args.device)
     if args.methods:
         spec = with_methods(spec, args.methods)
+    seeds = parse_seeds(spec, args.seeds) if args.seeds else None
     if args.dry_run:
         rows = read_results(Path(args.out) / RESULTS)
         done = {r["id"] for r in rows}
-        plan = shard_cells(slots(spec, rows), shard)
+        plan = shard_cells(only_seeds(slots(spec, rows), seeds), shard)
         for slot in plan:
             print(
                 f"{'done' if slot.id in done else 'todo'}  {slot.id}"
@@ -98,7 +112,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(line + (f", {waiting} waiting for the lr choice on the first seeds" if waiting else ""))
         return 0
     report = not args.no_report and shard is None
-    rows = run_sweep(spec, args.out, report=report, shard=shard, only_own_cells=bool(args.methods))
+    rows = run_sweep(spec, args.out, report=report, shard=shard, only_own_cells=bool(args.methods), seeds=seeds)
     print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
     if report:
         print(f"report: {Path(args.out) / 'results.md'}")

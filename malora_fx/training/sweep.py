@@ -43,7 +43,7 @@ from ..errors import MaloraError
 from ..fileio import atomic_write
 from .sweep_plan import Waiting, cells, slots
 from .sweep_results import append_result, read_results
-from .sweep_select import parse_shard, shard_cells, with_device, with_methods
+from .sweep_select import only_seeds, parse_seeds, parse_shard, shard_cells, with_device, with_methods
 from .sweep_spec import Cell, SuiteSpec, SweepSpec, load_spec, parse_spec
 
 __all__ = [
@@ -53,6 +53,8 @@ __all__ = [
     "Waiting",
     "cells",
     "load_spec",
+    "only_seeds",
+    "parse_seeds",
     "parse_shard",
     "parse_spec",
     "read_results",
@@ -342,6 +344,7 @@ def run_sweep(
     say: Say | None = None,
     shard: tuple[int, int] | None = None,
     only_own_cells: bool = False,
+    seeds: tuple[int, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``spec`` into ``out``; return all finished rows (and write the report).
 
@@ -349,6 +352,7 @@ def run_sweep(
     at once into the same ``out`` (each appends its own lines; write the report once they are done).
     ``only_own_cells`` (implied by ``shard``) leaves the unfinished folders of cells that are not
     ``spec``'s alone: another run into ``out`` (``--methods`` of another label) may be working on them.
+    ``seeds`` runs only the cells of those seeds (:func:`only_seeds`; implies ``only_own_cells``).
     With ``lr_search_seeds``, a later seed's cell runs once the search cells of its setting have
     finished (:mod:`.sweep_plan`); cells still waiting at the end are named in one message.
     """
@@ -356,8 +360,8 @@ def run_sweep(
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
     out = Path(out)
     rows = read_results(out / RESULTS)
-    plan = shard_cells(slots(spec, rows), shard)
-    own = {c.id for c in plan if isinstance(c, Cell)} if shard or only_own_cells else None
+    plan = shard_cells(only_seeds(slots(spec, rows), seeds), shard)
+    own = {c.id for c in plan if isinstance(c, Cell)} if shard or only_own_cells or seeds else None
     rows = prepare_dir(out, spec, say, own)
     done = {r["id"] for r in rows}
     where = f" in shard {shard[0]}/{shard[1]}" if shard else ""
@@ -377,7 +381,7 @@ def run_sweep(
         rows = read_results(out / RESULTS)  # with the lines of other runs into ``out`` (shards)
         done = {r["id"] for r in rows}
         spent += row["wall_seconds"]
-        plan = shard_cells(slots(spec, rows), shard)  # a finished search cell may choose a later cell's lr
+        plan = shard_cells(only_seeds(slots(spec, rows), seeds), shard)  # a search cell may choose an lr
         left, score = sum(not (isinstance(c, Cell) and c.id in done) for c in plan), row["eval"]["exact_match"]
         say(
             f"cell {len(done & _ids(plan))}/{len(plan)}{of_shard} done (eval EM {100 * score:.1f}%, "

@@ -24,6 +24,8 @@ from .sweep import (
     _say,
     cells,
     load_spec,
+    only_seeds,
+    parse_seeds,
     prepare_dir,
     read_results,
     slots,
@@ -33,13 +35,20 @@ from .sweep import (
 
 
 def shard_command(
-    spec: str | Path, out: str | Path, index: int, jobs: int, device: str | None, methods: str | None = None
+    spec: str | Path,
+    out: str | Path,
+    index: int,
+    jobs: int,
+    device: str | None,
+    methods: str | None = None,
+    seeds: str | None = None,
 ) -> list[str]:
     """The command line of shard ``index`` of ``jobs`` (the report is left to the parent)."""
     command = [sys.executable, "-m", "malora_fx.cli", "sweep", str(spec), "--out", str(out)]
     command += ["--shard", f"{index}/{jobs}", "--no-report"]
     command += ["--device", device] if device else []
-    return command + (["--methods", methods] if methods else [])
+    command += ["--methods", methods] if methods else []
+    return command + (["--seeds", seeds] if seeds else [])
 
 
 def _run_round(commands: list[list[str]], env: dict[str, str]) -> list[int]:
@@ -60,6 +69,7 @@ def run_jobs(
     *,
     device: str | None = None,
     methods: str | None = None,
+    seeds: str | None = None,
     report: bool = True,
     say: Say | None = None,
 ) -> list[dict[str, Any]]:
@@ -75,18 +85,19 @@ def run_jobs(
         spec = with_device(spec, device)
     if methods:
         spec = with_methods(spec, methods)
+    chosen = parse_seeds(spec, seeds) if seeds else None
     out = Path(out)
-    plan = slots(spec, read_results(out / RESULTS))
+    plan = only_seeds(slots(spec, read_results(out / RESULTS)), chosen)
     jobs = min(jobs, len(plan))
-    prepare_dir(out, spec, say, {c.id for c in plan if isinstance(c, Cell)} if methods else None)
+    prepare_dir(out, spec, say, {c.id for c in plan if isinstance(c, Cell)} if methods or seeds else None)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    commands = [shard_command(spec_path, out, i, jobs, device, methods) for i in range(1, jobs + 1)]
+    commands = [shard_command(spec_path, out, i, jobs, device, methods, seeds) for i in range(1, jobs + 1)]
     while True:
         say(f"starting {jobs} shards")
         codes = _run_round(commands, env)
         rows = read_results(out / RESULTS)
-        runnable = [c for c in cells(spec, rows) if c.id not in {r["id"] for r in rows}]
+        runnable = [c for c in only_seeds(cells(spec, rows), chosen) if c.id not in {r["id"] for r in rows}]
         if any(codes) or not runnable:
             break
         say(f"{len(runnable)} cells can run now that their lr is chosen: another round")

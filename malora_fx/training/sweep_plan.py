@@ -36,6 +36,10 @@ class Waiting:
     cell: Cell  # the cell at the spec's first lr, standing for the setting
 
     @property
+    def seed(self) -> int:
+        return self.cell.seed
+
+    @property
     def name(self) -> str:
         return self.cell.id.rsplit("-", 1)[0].replace(f"-lr{self.cell.train.lr:g}-", "-lr?-")
 

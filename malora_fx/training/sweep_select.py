@@ -1,19 +1,28 @@
-"""Which cells a sweep run takes: another device (``--device``), some methods (``--methods``), one
-shard of N (``--shard``). Each keeps the cells' ids, except the device, which is a train setting."""
+"""Which cells a sweep run takes: another device (``--device``), some methods (``--methods``), some
+seeds (``--seeds``), one shard of N (``--shard``). Each keeps the cells' ids, except the device, which
+is a train setting."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..errors import MaloraError
 from .args import TrainArgs
 from .sweep_spec import SweepSpec
 
-__all__ = ["parse_shard", "shard_cells", "with_device", "with_methods"]
+__all__ = ["only_seeds", "parse_seeds", "parse_shard", "shard_cells", "with_device", "with_methods"]
 
 Slot = TypeVar("Slot")
+
+
+class _Seeded(Protocol):
+    @property
+    def seed(self) -> int: ...
+
+
+Seeded = TypeVar("Seeded", bound=_Seeded)
 
 
 def with_device(spec: SweepSpec, device: str) -> SweepSpec:
@@ -58,3 +67,20 @@ def shard_cells(all_cells: list[Slot], shard: tuple[int, int] | None) -> list[Sl
         return all_cells
     index, count = shard
     return all_cells[index - 1 :: count]
+
+
+def parse_seeds(spec: SweepSpec, text: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)``, each one of the spec's seeds; anything else is a one-line :class:`MaloraError`."""
+    allowed = ", ".join(str(s) for s in spec.seeds)
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items or [text]:
+        if not item.isdigit() or int(item) not in spec.seeds:
+            raise MaloraError(f"seeds: {item!r} is not a seed of the spec; allowed: {allowed}")
+    return tuple(int(item) for item in items)
+
+
+def only_seeds(plan: list[Seeded], seeds: tuple[int, ...] | None) -> list[Seeded]:
+    """The cells (or slots) of ``plan`` with one of ``seeds`` (``None``: all). The spec keeps every seed,
+    so that ``lr_search_seeds`` still names its first seeds: ``--seeds 1,2`` runs the later seeds of a
+    sweep whose search cells ran elsewhere (another machine, another device)."""
+    return plan if seeds is None else [slot for slot in plan if slot.seed in seeds]

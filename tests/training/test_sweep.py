@@ -514,3 +514,28 @@ def test_cli_dry_run_names_the_waiting_cells(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "60 cells, 0 done, 36 to run, 24 waiting for the lr choice on the first seeds"
     assert "wait  smollm2-135m-inter-LoRA-r64-st300-lr?-seed1" in out
+
+
+def test_seeds_runs_only_those_seeds_and_a_later_seed_without_its_search_waits(tmp_path, capsys):
+    spec = _lr_spec(seeds=[0, 1], lrs=[1e-3, 5e-2])
+    messages: list[str] = []
+    assert run_sweep(spec, tmp_path / "s", say=messages.append, seeds=(1,)) == []
+    assert messages[0] == "1 cells, 0 already done, 0 to run, 1 waiting for the lr choice"
+    assert messages[1].startswith("1 cells wait for the lr choice (first: tiny-llama-inter-lora-r4-st4-lr?-seed1)")
+    assert not (tmp_path / "s" / "cells").exists()  # nothing ran
+    paper = str(EXAMPLES / "paper_small.toml")
+    assert main(["sweep", paper, "--out", str(tmp_path / "o"), "--dry-run", "--seeds", "2, 1"]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "24 cells, 0 done, 0 to run, 24 waiting for the lr choice on the first seeds"
+    )
+    assert main(["sweep", paper, "--out", str(tmp_path / "o"), "--dry-run", "--seeds", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "36 cells, 0 done, 36 to run"
+    for seeds in ("3", "1,x", ","):
+        assert main(["sweep", paper, "--out", str(tmp_path / "o"), "--seeds", seeds]) == 2
+        bad = seeds.split(",")[-1] if seeds != "," else ","
+        assert (
+            capsys.readouterr().err
+            == f"malora-fx: error: --seeds: {bad!r} is not a seed of the spec; allowed: 0, 1, 2\n"
+        )
+    assert not (tmp_path / "o").exists()
