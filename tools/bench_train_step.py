@@ -14,10 +14,14 @@ Adapters sit on q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj (the paper's
 targets). All variants come from one loaded model in one process and are timed
 round-robin after warm-up, so drift hits them equally. Prints the median step
 time per variant and the ratios MALoRA/MoLoRA (paper: <= 0.85) and MALoRA/LoRA
-(paper: ~1.07). Nothing is asserted. Exact command (defaults: batch 4 x seq 128,
-8 timed rounds after 3 warm-up rounds, CPU):
+(paper: ~1.07). With ``--bf16``, every adapter variant is also timed under bf16
+autocast (``malora-bf16``, ..., the same steps as ``malora-fx train --bf16``) in the
+same rounds, and the bf16 / fp32 ratio per method is printed. Nothing is asserted.
+Exact command (defaults: batch 4 x seq 128, 8 timed rounds after 3 warm-up rounds,
+CPU):
 
     python tools/bench_train_step.py
+    python tools/bench_train_step.py --bf16 --batch 8 --seq 64 --no-base
     python tools/bench_train_step.py --device cuda --json bench.json
 """
 
@@ -54,15 +58,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_step(gm, kwargs, labels, routed, params, device):
-    """A closure running one training step of ``gm`` on the fixed inputs ``kwargs``."""
+def make_step(gm, kwargs, labels, routed, params, device, bf16=False):
+    """A closure running one training step of ``gm`` on the fixed inputs ``kwargs`` (``bf16``: under
+    bf16 autocast, as the training loop does)."""
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step() -> None:
-        logits = gm(**kwargs).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
-        if routed:
-            loss = loss + malora_fx.aux_loss(gm, kwargs["attention_mask"]) * 0.01
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = gm(**kwargs).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+            if routed:
+                loss = loss + malora_fx.aux_loss(gm, kwargs["attention_mask"]) * 0.01
         loss.backward()
         if opt is not None:
             opt.step()
@@ -82,6 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-base", action="store_true", help="skip the no-adapter reference row")
+    parser.add_argument("--bf16", action="store_true", help="also time each adapter variant under bf16 autocast")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
     if args.threads:
@@ -97,6 +104,11 @@ def main() -> None:
         "torch": torch.__version__,
         "device": f"{device.type} ({dev_name})",
     }
+    if device.type == "cpu":  # whether oneDNN has bf16 kernels here (AVX512-BF16 / AMX); if not, autocast emulates
+        try:
+            machine["cpu bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            machine["cpu bf16"] = "unknown"
     for key, value in machine.items():
         print(f"{key:>9}: {value}")
 
@@ -109,13 +121,16 @@ def main() -> None:
     steps, counts = {}, {}
     torch.manual_seed(0)
     for name, config in CONFIGS.items():
-        gm = malora_fx.adapters.transform(model, config, example_kwargs=batch)
+        gm = malora_fx.transform(model, config, example_kwargs=batch)
         params = malora_fx.trainable_parameters(gm)
         with torch.no_grad():
             for layer in malora_fx.adapter_layers(gm).values():
                 layer.B.normal_(0.0, 1e-3)  # B = 0 at init; make the update non-trivial
         counts[name] = sum(p.numel() for p in params)
         steps[name] = make_step(gm, batch, labels, config.routed, params, device)
+        if args.bf16:  # the same module, so the same weights; its own optimiser state
+            counts[f"{name}-bf16"] = counts[name]
+            steps[f"{name}-bf16"] = make_step(gm, batch, labels, config.routed, params, device, bf16=True)
     if not args.no_base:
         with torch.no_grad():
             embeds = model.get_input_embeddings()(ids)
@@ -145,10 +160,10 @@ def main() -> None:
         f"\nSmolLM2-135M, batch {args.batch} x seq {args.seq}, {args.steps} timed steps "
         f"(+{args.warmup} warm-up) per variant, round-robin; targets {TARGETS}"
     )
-    print(f"{'variant':<8} {'trainable':>11} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'vs lora':>8}")
+    print(f"{'variant':<12} {'trainable':>11} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'vs lora':>8}")
     for name, ts in times.items():
         print(
-            f"{name:<8} {counts[name]:>11,} {medians[name] * 1e3:>10.1f} {min(ts) * 1e3:>9.1f} "
+            f"{name:<12} {counts[name]:>11,} {medians[name] * 1e3:>10.1f} {min(ts) * 1e3:>9.1f} "
             f"{max(ts) * 1e3:>9.1f} {medians[name] / medians['lora']:>7.3f}x"
         )
     mins = {name: min(ts) for name, ts in times.items()}
@@ -161,6 +176,9 @@ def main() -> None:
     print(
         f"MALoRA / LoRA   = {ratios['malora/lora']:.3f}x median, {min_ratios['malora/lora']:.3f}x min   (paper: ~1.07x)"
     )
+    bf16_ratios = {name: medians[f"{name}-bf16"] / medians[name] for name in CONFIGS if f"{name}-bf16" in medians}
+    for name, ratio in bf16_ratios.items():
+        print(f"{name} bf16 autocast / fp32 = {ratio:.3f}x median")
     noisy = [name for name, ts in times.items() if statistics.median(ts) > 1.25 * min(ts)]
     if noisy:
         print(f"note: noisy timings ({', '.join(noisy)}: median > 1.25x min); rerun with more --warmup/--steps")
@@ -176,6 +194,7 @@ def main() -> None:
             "times_s": times,
             "ratios": ratios,
             "min_ratios": min_ratios,
+            "bf16_over_fp32": bf16_ratios,
         }
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

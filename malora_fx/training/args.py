@@ -32,7 +32,7 @@ class TrainArgs:
         resume: continue from the newest complete checkpoint.
         seed: seed of the batch schedule and adapter dropout.
         device: cpu, cuda or cuda:N.
-        bf16: bf16 autocast (CUDA).
+        bf16: bf16 autocast (CUDA, or a CPU with bf16 kernels: AVX512-BF16 or AMX).
         max_grad_norm: gradient-norm clipping threshold.
     """
 
