@@ -134,7 +134,7 @@ def main() -> None:
     if not args.no_base:
         with torch.no_grad():
             embeds = model.get_input_embeddings()(ids)
-        base = malora_fx.graph.capture(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]})
+        base = malora_fx.capture(model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]})
         for param in base.parameters():
             param.requires_grad_(False)
         counts["base"] = 0
