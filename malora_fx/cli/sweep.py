@@ -25,6 +25,7 @@ def add_parsers(sub) -> None:
         help="train and evaluate every cell on this device (cpu, cuda, cuda:N) instead of the spec's [train] device",
     )
     p.add_argument("--methods", help="run only these method labels of the spec (comma-separated)")
+    p.add_argument("--suites", help="run only these suites of the spec (comma-separated)")
     p.add_argument(
         "--seeds",
         help="run only these seeds of the spec (comma-separated), e.g. the later seeds of an lr search whose "
@@ -71,6 +72,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         slots,
         with_device,
         with_methods,
+        with_suites,
     )
 
     if args.jobs != 1 and not args.dry_run:
@@ -84,6 +86,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             args.jobs,
             device=args.device,
             methods=args.methods,
+            suites=args.suites,
             seeds=args.seeds,
             report=not args.no_report,
         )
@@ -95,6 +98,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = with_device(spec, args.device)
     if args.methods:
         spec = with_methods(spec, args.methods)
+    if args.suites:
+        spec = with_suites(spec, args.suites)
     seeds = parse_seeds(spec, args.seeds) if args.seeds else None
     if args.dry_run:
         rows = read_results(Path(args.out) / RESULTS)
@@ -112,7 +117,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(line + (f", {waiting} waiting for the lr choice on the first seeds" if waiting else ""))
         return 0
     report = not args.no_report and shard is None
-    rows = run_sweep(spec, args.out, report=report, shard=shard, only_own_cells=bool(args.methods), seeds=seeds)
+    rows = run_sweep(
+        spec, args.out, report=report, shard=shard, only_own_cells=bool(args.methods or args.suites), seeds=seeds
+    )
     print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
     if report:
         print(f"report: {Path(args.out) / 'results.md'}")

@@ -43,7 +43,15 @@ from ..errors import MaloraError
 from ..fileio import atomic_write
 from .sweep_plan import Waiting, cells, slots
 from .sweep_results import append_result, read_results
-from .sweep_select import only_seeds, parse_seeds, parse_shard, shard_cells, with_device, with_methods
+from .sweep_select import (
+    only_seeds,
+    parse_seeds,
+    parse_shard,
+    shard_cells,
+    with_device,
+    with_methods,
+    with_suites,
+)
 from .sweep_spec import Cell, SuiteSpec, SweepSpec, load_spec, parse_spec
 
 __all__ = [
@@ -63,6 +71,7 @@ __all__ = [
     "slots",
     "with_device",
     "with_methods",
+    "with_suites",
 ]
 
 RESULTS = "results.jsonl"

@@ -31,6 +31,7 @@ from .sweep import (
     slots,
     with_device,
     with_methods,
+    with_suites,
 )
 
 
@@ -42,12 +43,14 @@ def shard_command(
     device: str | None,
     methods: str | None = None,
     seeds: str | None = None,
+    suites: str | None = None,
 ) -> list[str]:
     """The command line of shard ``index`` of ``jobs`` (the report is left to the parent)."""
     command = [sys.executable, "-m", "malora_fx.cli", "sweep", str(spec), "--out", str(out)]
     command += ["--shard", f"{index}/{jobs}", "--no-report"]
     command += ["--device", device] if device else []
     command += ["--methods", methods] if methods else []
+    command += ["--suites", suites] if suites else []
     return command + (["--seeds", seeds] if seeds else [])
 
 
@@ -69,6 +72,7 @@ def run_jobs(
     *,
     device: str | None = None,
     methods: str | None = None,
+    suites: str | None = None,
     seeds: str | None = None,
     report: bool = True,
     say: Say | None = None,
@@ -85,14 +89,16 @@ def run_jobs(
         spec = with_device(spec, device)
     if methods:
         spec = with_methods(spec, methods)
+    if suites:
+        spec = with_suites(spec, suites)
     chosen = parse_seeds(spec, seeds) if seeds else None
     out = Path(out)
     plan = only_seeds(slots(spec, read_results(out / RESULTS)), chosen)
     jobs = min(jobs, len(plan))
-    prepare_dir(out, spec, say, {c.id for c in plan if isinstance(c, Cell)} if methods or seeds else None)
+    prepare_dir(out, spec, say, {c.id for c in plan if isinstance(c, Cell)} if methods or suites or seeds else None)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    commands = [shard_command(spec_path, out, i, jobs, device, methods, seeds) for i in range(1, jobs + 1)]
+    commands = [shard_command(spec_path, out, i, jobs, device, methods, seeds, suites) for i in range(1, jobs + 1)]
     while True:
         say(f"starting {jobs} shards")
         codes = _run_round(commands, env)

@@ -1,6 +1,6 @@
 """Which cells a sweep run takes: another device (``--device``), some methods (``--methods``), some
-seeds (``--seeds``), one shard of N (``--shard``). Each keeps the cells' ids, except the device, which
-is a train setting."""
+suites (``--suites``), some seeds (``--seeds``), one shard of N (``--shard``). Each keeps the cells'
+ids, except the device, which is a train setting."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..errors import MaloraError
 from .args import TrainArgs
 from .sweep_spec import SweepSpec
 
-__all__ = ["only_seeds", "parse_seeds", "parse_shard", "shard_cells", "with_device", "with_methods"]
+__all__ = ["only_seeds", "parse_seeds", "parse_shard", "shard_cells", "with_device", "with_methods", "with_suites"]
 
 Slot = TypeVar("Slot")
 
@@ -49,6 +49,18 @@ def with_methods(spec: SweepSpec, labels: str) -> SweepSpec:
             f"allowed: {', '.join(spec.methods)}"
         )
     return dataclasses.replace(spec, methods={label: spec.methods[label] for label in spec.methods if label in chosen})
+
+
+def with_suites(spec: SweepSpec, names: str) -> SweepSpec:
+    """``spec`` cut to the comma-separated suite ``names`` (its cells keep their ids)."""
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    known = [suite.name for suite in spec.suites]
+    unknown = [name for name in chosen if name not in known]
+    if not chosen or unknown:
+        raise MaloraError(
+            f"suites: {(unknown[0] if unknown else names)!r} is not a suite of the spec; allowed: {', '.join(known)}"
+        )
+    return dataclasses.replace(spec, suites=tuple(s for s in spec.suites if s.name in chosen))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
