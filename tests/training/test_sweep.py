@@ -446,22 +446,25 @@ def test_report_compares_lrs_on_the_seeds_they_all_ran(tmp_path):
     assert "| m | inter | LoRA | 4 | 10 | 0.01 | 3 | 30.0 ± 26.5 |" in chosen and "0.001" not in chosen
 
 
+def _tiny_lr_search() -> dict:
+    """Two lrs searched on seed 0, seed 1 after: 3 tiny-llama cells of a few seconds each."""
+    return _spec(
+        seeds=[0, 1],
+        lrs=[1e-3, 5e-2],
+        lr_search_seeds=1,
+        steps=[3],
+        targets="q_proj,v_proj",
+        suites={"inter": {"train": 4, "eval": 1, "validation": 1}},
+        methods={"lora": {"method": "lora", "rank": 4}},
+        train={"batch_size": 4, "max_length": 96, "warmup_ratio": 0.0},
+        eval={"max_new_tokens": 4},
+    )
+
+
 def test_run_with_lr_search_runs_the_later_seed_at_the_chosen_lr(tmp_path):
     """A real tiny sweep: 2 lrs on seed 0, then seed 1 at the one with the better validation numbers,
     in one run_sweep call; a second call has nothing left."""
-    spec = parse_spec(
-        _spec(
-            seeds=[0, 1],
-            lrs=[1e-3, 5e-2],
-            lr_search_seeds=1,
-            steps=[3],
-            targets="q_proj,v_proj",
-            suites={"inter": {"train": 4, "eval": 1, "validation": 1}},
-            methods={"lora": {"method": "lora", "rank": 4}},
-            train={"batch_size": 4, "max_length": 96, "warmup_ratio": 0.0},
-            eval={"max_new_tokens": 4},
-        )
-    )
+    spec = parse_spec(_tiny_lr_search())
     messages: list[str] = []
     rows = run_sweep(spec, tmp_path / "s", report=False, say=messages.append)
     assert "3 cells, 0 already done, 2 to run, 1 waiting for the lr choice" in messages
@@ -479,17 +482,7 @@ def test_jobs_start_another_round_for_cells_whose_lr_a_shard_chose_late(tmp_path
     here, one after the other, in place of the processes."""
     import malora_fx.training.sweep_jobs as jobs
 
-    data = _spec(
-        seeds=[0, 1],
-        lrs=[1e-3, 5e-2],
-        lr_search_seeds=1,
-        steps=[2],
-        targets="q_proj",
-        suites={"inter": {"train": 2, "eval": 1, "validation": 1}},
-        methods={"lora": {"method": "lora", "rank": 2}},
-        train={"batch_size": 2, "max_length": 64, "warmup_ratio": 0.0},
-        eval={"max_new_tokens": 2},
-    )
+    data = _tiny_lr_search()
     (tmp_path / "spec.json").write_text(json.dumps(data))
     rounds: list[list[int]] = []
 
