@@ -132,6 +132,21 @@ def test_cell_counts_and_settings_of_the_example_specs():
     malora = sorted({(c.config.rank, c.config.shared_rank) for c in ranks if c.config.method == "malora"})
     assert malora == [(4, 11), (8, 21), (16, 43), (32, 85)]
     assert len(cells(load_spec(EXAMPLES / "smoke.toml"))) == 2
+    ablation = {
+        c.method_name: c for c in cells(load_spec(EXAMPLES / "malora_ablation.toml")) if c.suite.name == "intra"
+    }
+    assert {
+        name: (c.config.beta, c.config.normalize_top_k, c.config.aux_loss_coef, c.config.shared_rank)
+        for name, c in ablation.items()
+    } == {
+        "MALoRA": (1.0, False, 0.01, 32),
+        "MALoRA-beta1.25": (1.25, False, 0.01, 32),
+        "MALoRA-renorm": (1.0, True, 0.01, 32),
+        "MALoRA-noaux": (1.0, False, 0.0, 32),
+        "MALoRA-d64": (1.0, False, 0.01, 64),
+    }
+    paper_malora = {c.id for c in paper if c.method_name == "MALoRA" and c.seed == 0 and c.train.lr == 1e-3}
+    assert ablation["MALoRA"].id in paper_malora  # the baseline is paper_small's cell
 
 
 def test_cell_ids_are_stable_and_cover_every_setting():
