@@ -20,7 +20,14 @@ Graphs (all built here, from the packaged SmolLM2-135M, into ``--work``; an exis
 Adapter weights are random and non-zero (latency does not depend on their values). Prints medians, ratios
 to ``builder``, each export's build time, and names the machine; ``--json`` / ``--markdown`` write them.
 
+``--device cuda`` builds every graph in fp16 for CUDA (the builder with ``-p fp16 -e cuda``, ours with
+``--dtype fp16``; the graphs are built without a GPU, so ``--build-only`` works anywhere) and times them
+on onnxruntime's CUDA execution provider (raw sessions: inputs from host memory, as the builder's graph
+gets them too) and onnxruntime-genai with the ``cuda`` provider (onnxruntime-gpu and
+onnxruntime-genai-cuda installed; ``--threads`` is then irrelevant).
+
     python tools/bench_serving.py --work runs/bench-serving --markdown runs/bench-serving/table.md
+    python tools/bench_serving.py --device cuda --work runs/bench-serving-cuda --json runs/bench-serving-cuda.json
 """
 
 from __future__ import annotations
@@ -82,9 +89,10 @@ def write_peft_lora(hf_dir: Path, out: Path, rank: int = 64) -> None:
     peft_model.save_pretrained(str(out))
 
 
-def run_builder(hf_dir: Path, out: Path, adapter: Path | None = None) -> None:
+def run_builder(hf_dir: Path, out: Path, adapter: Path | None = None, device: str = "cpu") -> None:
+    """The onnxruntime-genai builder's graph of ``hf_dir``: fp32 for the CPU, fp16 for ``device`` cuda."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out)]
-    cmd += ["-p", "fp32", "-e", "cpu"]
+    cmd += ["-p", "fp16", "-e", "cuda"] if device == "cuda" else ["-p", "fp32", "-e", "cpu"]
     if adapter is not None:
         cmd += ["--extra_options", f"adapter_path={adapter}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -107,10 +115,11 @@ def write_malora_run(out: Path) -> None:
 
 
 def build_all(
-    work: Path, moe: bool = False
+    work: Path, moe: bool = False, device: str = "cpu"
 ) -> tuple[dict[str, Path], dict[str, float | None], dict[str, dict[str, float]]]:
-    """Build (or reuse) every graph (``moe``: also ``ours malora moe``); returns their folders, build
-    seconds and our exports' stage seconds."""
+    """Build (or reuse) every graph (``moe``: also ``ours malora moe``; ``device`` cuda: fp16 graphs for
+    CUDA); returns their folders, build seconds and our exports' stage seconds."""
+    dtype = "fp16" if device == "cuda" else "fp32"
     from malora_fx.deploy.onnx_export import export_run
     from malora_fx.deploy.peft_import import convert_peft
     from malora_fx.deploy.stage_clock import StageClock
@@ -119,7 +128,7 @@ def build_all(
 
     def export(name: str, run: Path, **options) -> None:
         clock = StageClock(say=log, prefix=f"{name}: ")
-        export_run(run, graphs[name], clock=clock, **options)
+        export_run(run, graphs[name], clock=clock, dtype=dtype, **options)
         stages[name] = clock.seconds
 
     hf, peft = work / "hf", work / "peft-lora-r64"
@@ -136,9 +145,9 @@ def build_all(
     timed_build("MALoRA run", malora_run, lambda: write_malora_run(malora_run))
     timed_build("LoRA run", lora_run, lambda: convert_peft(peft, lora_run, MODEL))
     seconds = {
-        "builder": timed_build("builder", graphs["builder"], lambda: run_builder(hf, graphs["builder"])),
+        "builder": timed_build("builder", graphs["builder"], lambda: run_builder(hf, graphs["builder"], None, device)),
         "builder+lora": timed_build(
-            "builder+lora", graphs["builder+lora"], lambda: run_builder(hf, graphs["builder+lora"], peft)
+            "builder+lora", graphs["builder+lora"], lambda: run_builder(hf, graphs["builder+lora"], peft, device)
         ),
         "ours base": timed_build(
             "ours base", graphs["ours base"], lambda: export("ours base", malora_run, base_only=True)
@@ -189,13 +198,16 @@ def decoder_feeds(session, folder: Path, rng, new: int, past: int) -> dict[str, 
 class RawSession:
     """Raw InferenceSession timing: prefill 1 x seq, one decode step after seq (feeds made from input names)."""
 
-    def __init__(self, folder: Path, threads: int, seq: int) -> None:
+    def __init__(self, folder: Path, threads: int, seq: int, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+        if self.session.get_providers()[0] != providers[0]:
+            raise SystemExit(f"{folder}: onnxruntime gave {self.session.get_providers()}, not {providers[0]}")
         self.seq = seq
         rng = np.random.default_rng(0)
         self.prefill_feeds = decoder_feeds(self.session, folder, rng, new=seq, past=0)
@@ -216,12 +228,14 @@ class RawSession:
 class GenaiEndToEnd:
     """onnxruntime-genai: prefill (append_tokens) and tokens/s of generate_next_token."""
 
-    def __init__(self, folder: Path, threads: int, seq: int, tokens: int) -> None:
+    def __init__(self, folder: Path, threads: int, seq: int, tokens: int, device: str = "cpu") -> None:
         import onnxruntime_genai as og
 
         self.og = og
         config = og.Config(str(folder))
         config.clear_providers()
+        if device == "cuda":
+            config.append_provider("cuda")
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(config)
         self.prompt = np.random.default_rng(1).integers(0, 1000, size=(seq,)).tolist()
@@ -255,8 +269,10 @@ def machine() -> str:
 
 
 def measure(graphs: dict[str, Path], args) -> dict[str, dict[str, list[float]]]:
-    raw = {name: RawSession(path, args.threads, args.seq) for name, path in graphs.items()}
-    genai = {name: GenaiEndToEnd(path, args.threads, args.seq, args.og_tokens) for name, path in graphs.items()}
+    raw = {name: RawSession(path, args.threads, args.seq, args.device) for name, path in graphs.items()}
+    genai = {
+        name: GenaiEndToEnd(path, args.threads, args.seq, args.og_tokens, args.device) for name, path in graphs.items()
+    }
     samples: dict[str, dict[str, list[float]]] = {
         n: {"prefill_s": [], "decode_s": [], "og_prefill_s": [], "og_tokens_per_s": []} for n in graphs
     }
@@ -284,7 +300,7 @@ def summarize(samples, seconds, stages, args) -> tuple[str, dict]:
     ref = med["builder"]
     lines = [
         f"machine: {machine()}; onnxruntime {_version('onnxruntime')}, onnxruntime-genai "
-        f"{_version('onnxruntime_genai')}; {args.threads} intra-op threads; medians of {args.rounds} alternated "
+        f"{_version('onnxruntime_genai')}; {_where(args)}; medians of {args.rounds} alternated "
         f"rounds; prefill 1x{args.seq}, decode = one step after {args.seq}, og = {args.og_tokens} tokens "
         f"after a {args.seq}-token prompt",
         "",
@@ -316,6 +332,19 @@ def summarize(samples, seconds, stages, args) -> tuple[str, dict]:
     return "\n".join(lines), result
 
 
+def _where(args) -> str:
+    """What ran the graphs: CPU threads and fp32, or the GPU's name and fp16."""
+    if args.device != "cuda":
+        return f"fp32 on the CPU, {args.threads} intra-op threads"
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        gpu = "a CUDA GPU"
+    return f"fp16 on {gpu} (CUDA execution provider)"
+
+
 def _version(module: str) -> str:
     try:
         return __import__(module).__version__
@@ -336,13 +365,16 @@ def main(argv=None) -> int:
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between timings (ORT threads spin)")
     parser.add_argument("--only", help="comma-separated graph names to time (default: all five)")
     parser.add_argument("--moe", action="store_true", help="also build and time 'ours malora moe' (--moe-kernel)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: fp16 graphs on the CUDA execution provider"
+    )
     parser.add_argument("--build-only", action="store_true", help="build the graphs, time nothing")
     parser.add_argument("--json", help="write medians, samples and build times here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    graphs, seconds, stages = build_all(work, moe=args.moe)
+    graphs, seconds, stages = build_all(work, moe=args.moe, device=args.device)
     seconds = remember(work / "build_seconds.json", seconds)
     stages = {k: v for k, v in remember(work / "export_stages.json", stages).items() if v is not None}
     if args.build_only:
