@@ -15,6 +15,7 @@ Public API (a contract; see README.md for examples), by pipeline stage:
                evaluate(logits_fn, tokenizer, examples) / expert_load(gm, tokenizer, examples)
     deploy     merge(gm) / lower(gm) / export_onnx(gm, out_dir, example_kwargs)
                export_run(run_dir, out_dir) / export_decoder_graph(gm, example, config, out_dir)
+               verify_export(export_dir, run_dir) (the export against the run's PyTorch model)
                export_adapter(run_dir, file) / ExportManifest.read(export_dir) / OrtGenerator(export_dir)
                GenaiGenerator(export_dir) (onnxruntime-genai) / open_generator(export_dir, backend="auto")
 
@@ -43,6 +44,7 @@ from .deploy.manifest import ExportManifest
 from .deploy.merge_lower import lower, merge
 from .deploy.onnx_export import export_decoder_graph, export_onnx, export_run
 from .deploy.runner import OrtGenerator
+from .deploy.verify import verify_export
 from .errors import AdapterFileError, ConfigError, MaloraError, ModelSourceError, TargetError
 from .graph.cached_decoder import capture_decoder
 from .graph.capture import capture
@@ -85,6 +87,7 @@ __all__ = [
     "merge",
     "move_to_device",
     "open_generator",
+    "verify_export",
     "plan",
     "read_adapter_config",
     "save_adapters",

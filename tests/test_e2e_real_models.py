@@ -149,3 +149,9 @@ def test_smollm2_onnx_greedy_generation_matches_pytorch(smollm2, tmp_path):
     # 1e-4 relative to the logit scale (|logits| reach ~30 here; ORT's kernels sum in another order)
     assert np.abs(logits - ref.numpy()).max() <= 1e-4 * max(1.0, float(np.abs(ref.numpy()).max()))
     assert "Paris" in tok.decode(ort_tokens)
+    # malora-fx verify on the same prompt: its prefill row is the comparison above, and it passes
+    from malora_fx.deploy.verify import verify_export
+
+    result = verify_export(out, tmp_path / "run", prompts=["What is the capital of France?"], steps=2)
+    assert result.passed and [c.stage for c in result.checks] == ["prefill", "decode 1", "decode 2"]
+    assert result.checks[0].max_abs == pytest.approx(float(np.abs(logits - ref.numpy()).max()), rel=1e-6)

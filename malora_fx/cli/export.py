@@ -70,6 +70,12 @@ def add_parsers(sub) -> None:
         "that declines (a stage named torch.onnx instead of translate)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="then compare the export with the run's PyTorch model on the CPU (as malora-fx verify does); "
+        "exit status 1 when they differ beyond the tolerance (the export is kept)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -118,6 +124,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{'; an onnxruntime-genai model folder' if manifest.kv_cache else ''}); "
         f"inputs: {', '.join(manifest.inputs[:5])}" + (" ..." if len(manifest.inputs) > 5 else "")
     )
+    if args.verify:
+        from ..deploy.verify import verify_export
+
+        result = verify_export(out, args.run_dir, provider="cpu")
+        print(result.table())
+        if not result.passed:
+            _say(f"export: {out} differs from the run's PyTorch model beyond the tolerance (kept; see above)")
+            return 1
     return 0
 
 
@@ -130,10 +144,10 @@ def _check_export_options(args: argparse.Namespace) -> None:
     if args.base_only and (args.switchable or args.adapter_only):
         other = "--switchable" if args.switchable else "--adapter-only"
         raise MaloraError(f"--base-only: cannot be combined with {other}; the base export has no adapters")
-    if args.adapter_only and (args.switchable or args.no_cache or args.no_fuse or args.no_ort_fusions):
+    if args.adapter_only and (args.switchable or args.no_cache or args.no_fuse or args.no_ort_fusions or args.verify):
         raise MaloraError(
             "--adapter-only: writes only an .onnx_adapter file; allowed with --dtype only "
-            "(not --switchable, --no-cache, --no-fuse, --no-ort-fusions)"
+            "(not --switchable, --no-cache, --no-fuse, --no-ort-fusions, --verify)"
         )
     if args.moe_kernel and (args.no_ort_fusions or args.switchable or args.base_only or args.adapter_only):
         raise MaloraError(

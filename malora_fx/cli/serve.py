@@ -1,4 +1,5 @@
-"""``malora-fx run`` (generate with an export in onnxruntime) and ``malora-fx bench`` (latency, alternated).
+"""``malora-fx run`` (generate with an export in onnxruntime), ``malora-fx bench`` (latency, alternated) and
+``malora-fx verify`` (an export's outputs against its run's PyTorch model).
 
 What an export holds is read from its ``export.json`` through
 :class:`~malora_fx.deploy.manifest.ExportManifest` only. ``bench`` re-exports
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def add_parsers(sub) -> None:
-    """``run`` and ``bench``."""
+    """``run``, ``bench`` and ``verify``."""
     from ..deploy.bench import BENCH_NEW_TOKENS, BENCH_REPEATS, BENCH_SEQ
 
     p = sub.add_parser(
@@ -69,6 +70,28 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     p.add_argument("--json", help="also write the timings here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "verify",
+        help="compare an export's outputs with its run's PyTorch model (prefill, cached decode steps)",
+        description="Run EXPORT_DIR in onnxruntime and the run's PyTorch model on the same prompts: the "
+        "prefill, then greedy decode steps through the export's KV cache (PyTorch recomputes the whole "
+        "sequence). Prints max |Δ| and the relative error per step; exit status 1 when one exceeds the "
+        "tolerance (1e-4 for fp32, 2e-2 for fp16) or a greedy token differs beyond a tie.",
+    )
+    p.add_argument("export_dir")
+    p.add_argument("--run", dest="run", required=True, help="the run directory EXPORT_DIR was exported from")
+    p.add_argument("--provider", default="cpu", help="one of auto, cuda, cpu (default: cpu)")
+    p.add_argument("--prompt", action="append", help="a prompt to compare on (repeatable; default: three built in)")
+    p.add_argument("--steps", type=int, default=3, help="cached decode steps after each prefill (default: 3)")
+    p.add_argument("--tolerance", type=float, help="relative tolerance (default: 1e-4 fp32, 2e-2 fp16)")
+    p.add_argument(
+        "--genai",
+        action="store_true",
+        help="also decode the greedy tokens with onnxruntime-genai (the genai extra) and compare them",
+    )
+    p.add_argument("--json", help="also write the comparisons here")
+    p.set_defaults(func=cmd_verify)
 
 
 def _add_runtime_flags(p) -> None:
@@ -294,3 +317,23 @@ def _torch_variant(run_dir: str, manifest: ExportManifest):
     gm, _ = capture_decoder(loaded.model.to(dtype), dtype)
     gm = apply_run_adapters(gm, run_dir, info)
     return torch_runner(gm, *manifest.cache_geometry(), dtype=dtype)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..deploy.verify import DEFAULT_PROMPTS, verify_export
+    from ..fileio import atomic_write
+
+    result = verify_export(
+        args.export_dir,
+        args.run,
+        provider=args.provider,
+        prompts=args.prompt or DEFAULT_PROMPTS,
+        steps=args.steps,
+        tolerance=args.tolerance,
+        genai=args.genai,
+    )
+    print(result.table())
+    if args.json:
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
+    return 0 if result.passed else 1
