@@ -4,9 +4,9 @@ Cells are grouped by model × suite × method (label) × rank × steps × lr; ea
 group shows mean ± sample std over its seeds. When the cells have a validation
 split, the learning rate of each model × suite × method × rank × steps is the
 one with the best mean validation exact match (ties: lower validation loss) on
-the seeds every lr ran, and the "chosen" table and the plots report the eval split at that lr; without
-a validation split the plots use every lr and the table lists them all. The
-eval split never picks anything.
+the seeds every lr ran, and the "chosen" table and the plots report the eval
+split at that lr; without a validation split the plots use every lr and the
+table lists them all. The eval split never picks anything.
 
 Plots (matplotlib, Agg): ``methods.png`` (bars per method), ``rank_sweep.png``
 (exact match against expert rank per method, when some method has two ranks or

@@ -5,15 +5,16 @@ ranks × steps × learning rates. :func:`load_spec` reads and validates it
 strictly: an unknown key or a bad value is one :class:`MaloraError` naming the
 key (``methods.lora.rank``), the value and what is allowed. :func:`product`
 expands a spec into its cartesian product (:mod:`.sweep_plan` cuts it when
-``lr_search_seeds`` searches the lrs on the first seeds only); every :class:`Cell` carries the
-validated ``MALoRAConfig`` and ``TrainArgs`` it runs with and a stable
-:attr:`Cell.id` (readable slug + a digest of every setting that reaches the
-cell), so a finished cell is recognised across runs and machines.
+``lr_search_seeds`` searches the lrs on the first seeds only); every
+:class:`Cell` carries the validated ``MALoRAConfig`` and ``TrainArgs`` it runs
+with and a stable :attr:`Cell.id` (readable slug + a digest of every setting
+that reaches the cell), so a finished cell is recognised across runs and
+machines.
 
 Spec keys (top level): ``name``, ``models``, ``suites``, ``methods``,
 ``seeds``, ``lrs``, ``lr_search_seeds``, ``steps``, ``ranks``, ``targets``,
-``data_seed`` and the
-tables ``train`` and ``eval``; see the README section "Quality sweeps".
+``data_seed`` and the tables ``train`` and ``eval``; see the README section
+"Quality sweeps".
 """
 
 from __future__ import annotations
