@@ -33,6 +33,7 @@ from ..adapters.config import ALL_LINEAR, DEFAULT_RANK, METHODS, MALoRAConfig
 from ..errors import MaloraError
 from .args import TrainArgs
 from .suites import SUITES
+from .sweep_values import as_int, as_list, as_number, as_str, check_keys, check_types, refusal
 
 TOP_KEYS = (
     "name",
@@ -190,68 +191,6 @@ TRAIN_TYPES: dict[str, type] = {
 }
 
 
-def _typed(source: str, where: str, data: dict[str, Any], types: dict[str, type]) -> None:
-    """Each value of ``data`` with a type in ``types`` has it (ranges are the configs' to check)."""
-    for key, value in data.items():
-        kind = types.get(key)
-        if kind is None:
-            continue
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-            raise _fail(source, f"{where}.{key}", value, f"expected {what}")
-
-
-def _fail(source: str, key: str, value: Any, allowed: str) -> MaloraError:
-    return MaloraError(f"{source}: {key}: {value!r} is not allowed; {allowed}")
-
-
-def _check_keys(source: str, where: str, data: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        if not where:
-            raise MaloraError(f"{source}: expected a table of sweep settings, got {type(data).__name__}")
-        raise _fail(source, where, data, "expected a table (TOML) / object (JSON)")
-    unknown = [str(k) for k in data if k not in allowed]
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise MaloraError(f"{source}: unknown key {name!r}; allowed: {', '.join(allowed)}")
-    return data
-
-
-def _int(source: str, key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(source, key, value, f"expected an integer >= {minimum}")
-    return value
-
-
-def _number(source: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _fail(source, key, value, "expected a number > 0")
-    return float(value)
-
-
-def _str(source: str, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(source, key, value, "expected a non-empty string")
-    return value
-
-
-def _list(source: str, key: str, value: Any, item) -> tuple:
-    if not isinstance(value, list) or not value:
-        raise _fail(source, key, value, "expected a non-empty list")
-    items = tuple(item(source, f"{key}[{i}]", v) for i, v in enumerate(value))
-    if len(set(items)) != len(items):
-        raise _fail(source, key, value, "expected a list without repeated values")
-    return items
-
-
 def _targets(source: str, key: str, value: Any) -> Any:
     try:
         MALoRAConfig(method="lora", targets=value)
@@ -262,25 +201,25 @@ def _targets(source: str, key: str, value: Any) -> Any:
 
 def _suites(source: str, data: Any) -> tuple[SuiteSpec, ...]:
     if not isinstance(data, dict) or not data:
-        raise _fail(source, "suites", data, f"expected a table of suites named {' or '.join(SUITES)}")
+        raise refusal(source, "suites", data, f"expected a table of suites named {' or '.join(SUITES)}")
     suites = []
     for name, counts in data.items():
         if name not in SUITES:
-            raise _fail(source, "suites", name, f"allowed suites: {', '.join(SUITES)}")
-        _check_keys(source, f"suites.{name}", counts, SUITE_KEYS)
-        values = {k: _int(source, f"suites.{name}.{k}", v, 0 if k == "validation" else 1) for k, v in counts.items()}
+            raise refusal(source, "suites", name, f"allowed suites: {', '.join(SUITES)}")
+        check_keys(source, f"suites.{name}", counts, SUITE_KEYS)
+        values = {k: as_int(source, f"suites.{name}.{k}", v, 0 if k == "validation" else 1) for k, v in counts.items()}
         suites.append(SuiteSpec(name, **values))
     return tuple(suites)
 
 
 def _method(source: str, label: str, data: Any, ranks: tuple[int, ...] | None, targets: Any) -> dict[str, Any]:
     where = f"methods.{label}"
-    _check_keys(source, where, data, METHOD_KEYS)
-    _typed(source, where, data, METHOD_TYPES)
+    check_keys(source, where, data, METHOD_KEYS)
+    check_types(source, where, data, METHOD_TYPES)
     if "method" not in data:
         raise MaloraError(f"{source}: {where}: missing key 'method'; allowed methods: {', '.join(METHODS)}")
     if data["method"] not in METHODS:
-        raise _fail(source, f"{where}.method", data["method"], f"allowed: {', '.join(METHODS)}")
+        raise refusal(source, f"{where}.method", data["method"], f"allowed: {', '.join(METHODS)}")
     if ranks is not None and "rank" in data:
         raise MaloraError(f"{source}: {where}.rank: the top-level 'ranks' axis sets every method's rank; drop one")
     if "shared_rank" in data and "shared_rank_ratio" in data:
@@ -288,7 +227,7 @@ def _method(source: str, label: str, data: Any, ranks: tuple[int, ...] | None, t
     if "shared_rank_ratio" in data:
         if data["method"] != "malora":
             raise MaloraError(f"{source}: {where}.shared_rank_ratio: only used by method 'malora'")
-        _number(source, f"{where}.shared_rank_ratio", data["shared_rank_ratio"])
+        as_number(source, f"{where}.shared_rank_ratio", data["shared_rank_ratio"])
     if "targets" in data:
         _targets(source, f"{where}.targets", data["targets"])
     for rank in ranks or (data.get("rank"),):
@@ -319,45 +258,45 @@ def method_config(source: str, label: str, data: dict[str, Any], *, rank, seed: 
 
 def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
     """Validate a spec already read into Python values (see the module docstring)."""
-    _check_keys(source, "", data, TOP_KEYS + TABLES)
+    check_keys(source, "", data, TOP_KEYS + TABLES)
     for key in ("models", "suites", "methods", "lrs", "steps"):
         if key not in data:
             raise MaloraError(f"{source}: missing key {key!r}; a spec needs models, suites, methods, lrs and steps")
-    models = _list(source, "models", data["models"], _str)
-    ranks = _list(source, "ranks", data["ranks"], lambda s, k, v: _int(s, k, v, 1)) if "ranks" in data else None
+    models = as_list(source, "models", data["models"], as_str)
+    ranks = as_list(source, "ranks", data["ranks"], lambda s, k, v: as_int(s, k, v, 1)) if "ranks" in data else None
     targets = _targets(source, "targets", data.get("targets", ALL_LINEAR))
     methods_data = data["methods"]
     if not isinstance(methods_data, dict) or not methods_data:
-        raise _fail(source, "methods", methods_data, "expected a table of named method entries ([methods.NAME])")
+        raise refusal(source, "methods", methods_data, "expected a table of named method entries ([methods.NAME])")
     methods = {str(label): _method(source, str(label), m, ranks, targets) for label, m in methods_data.items()}
-    train = dict(_check_keys(source, "train", data.get("train", {}), TRAIN_KEYS))
-    _typed(source, "train", train, TRAIN_TYPES)
+    train = dict(check_keys(source, "train", data.get("train", {}), TRAIN_KEYS))
+    check_types(source, "train", train, TRAIN_TYPES)
     try:
         TrainArgs(**train, steps=1, lr=1.0)
     except MaloraError as exc:
         message = str(exc)
         raise MaloraError(f"{source}: train{'.' if message.split(':')[0] in TRAIN_KEYS else ': '}{message}") from None
-    eval_data = _check_keys(source, "eval", data.get("eval", {}), EVAL_KEYS)
+    eval_data = check_keys(source, "eval", data.get("eval", {}), EVAL_KEYS)
     eval_spec = EvalSpec(
-        batch_size=_int(source, "eval.batch_size", eval_data.get("batch_size", 16), 1),
-        max_length=_int(source, "eval.max_length", eval_data.get("max_length", train.get("max_length", 512)), 1),
+        batch_size=as_int(source, "eval.batch_size", eval_data.get("batch_size", 16), 1),
+        max_length=as_int(source, "eval.max_length", eval_data.get("max_length", train.get("max_length", 512)), 1),
         max_new_tokens=None
         if eval_data.get("max_new_tokens") is None
-        else _int(source, "eval.max_new_tokens", eval_data["max_new_tokens"], 1),
+        else as_int(source, "eval.max_new_tokens", eval_data["max_new_tokens"], 1),
     )
     suites = _suites(source, data["suites"])
-    seeds = _list(source, "seeds", data.get("seeds", [0]), lambda s, k, v: _int(s, k, v, 0))
+    seeds = as_list(source, "seeds", data.get("seeds", [0]), lambda s, k, v: as_int(s, k, v, 0))
     return SweepSpec(
-        name=_str(source, "name", data.get("name", Path(source).stem)),
+        name=as_str(source, "name", data.get("name", Path(source).stem)),
         models=models,
         suites=suites,
         methods=methods,
         seeds=seeds,
-        lrs=_list(source, "lrs", data["lrs"], _number),
-        steps=_list(source, "steps", data["steps"], lambda s, k, v: _int(s, k, v, 1)),
+        lrs=as_list(source, "lrs", data["lrs"], as_number),
+        steps=as_list(source, "steps", data["steps"], lambda s, k, v: as_int(s, k, v, 1)),
         ranks=ranks,
         targets=targets,
-        data_seed=_int(source, "data_seed", data.get("data_seed", 0), 0),
+        data_seed=as_int(source, "data_seed", data.get("data_seed", 0), 0),
         train=train,
         eval=eval_spec,
         source=source,
@@ -370,10 +309,10 @@ def _lr_search_seeds(source: str, value: Any, seeds: tuple[int, ...], suites: tu
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(seeds):
-        raise _fail(source, "lr_search_seeds", value, f"expected an integer from 1 to {len(seeds)} (the seeds)")
+        raise refusal(source, "lr_search_seeds", value, f"expected an integer from 1 to {len(seeds)} (the seeds)")
     no_validation = [s.name for s in suites if not s.validation]
     if value < len(seeds) and no_validation:
-        raise _fail(
+        raise refusal(
             source,
             "lr_search_seeds",
             value,
