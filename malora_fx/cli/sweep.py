@@ -66,6 +66,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         only_seeds,
         parse_seeds,
         parse_shard,
+        plan_counts,
         read_results,
         run_sweep,
         shard_cells,
@@ -111,9 +112,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 if isinstance(slot, Cell)
                 else f"wait  {slot.name}"
             )
-        finished = sum(isinstance(c, Cell) and c.id in done for c in plan)
-        waiting = sum(not isinstance(c, Cell) for c in plan)
-        line = f"{len(plan)} cells, {finished} done, {len(plan) - finished - waiting} to run"
+        finished, to_run, waiting = plan_counts(plan, done)
+        line = f"{len(plan)} cells, {finished} done, {to_run} to run"
         print(line + (f", {waiting} waiting for the lr choice on the first seeds" if waiting else ""))
         return 0
     report = not args.no_report and shard is None

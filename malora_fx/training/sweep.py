@@ -10,7 +10,7 @@ settings and cached under ``DIR/base/``.
 Layout of ``DIR``::
 
     spec.json            the validated spec of the latest run
-    data/<suite key>/    train.jsonl, validation.jsonl (if any), eval.jsonl
+    data/<suite key>/    train.jsonl, validation.jsonl (if any), eval.jsonl (:mod:`.sweep_data`)
     base/<key>.json      the base model's eval (and validation) numbers
     cells/<id>/          a finished cell: adapters (a run directory), metrics.jsonl, loss.png, result.json
     results.jsonl        one line per finished cell; the only record of "done"
@@ -41,7 +41,8 @@ from typing import Any
 
 from ..errors import MaloraError
 from ..fileio import atomic_write
-from .sweep_plan import Waiting, cells, slots
+from .sweep_data import suite_files
+from .sweep_plan import Waiting, cells, plan_counts, slots
 from .sweep_results import append_result, read_results
 from .sweep_select import (
     only_seeds,
@@ -52,7 +53,7 @@ from .sweep_select import (
     with_methods,
     with_suites,
 )
-from .sweep_spec import Cell, SuiteSpec, SweepSpec, load_spec, parse_spec
+from .sweep_spec import Cell, SweepSpec, load_spec, parse_spec
 
 __all__ = [
     "Cell",
@@ -65,10 +66,12 @@ __all__ = [
     "parse_seeds",
     "parse_shard",
     "parse_spec",
+    "plan_counts",
     "read_results",
     "run_sweep",
     "shard_cells",
     "slots",
+    "suite_files",
     "with_device",
     "with_methods",
     "with_suites",
@@ -86,42 +89,6 @@ def _say(message: str) -> None:
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def _write_jsonl(path: Path, examples: list[dict[str, str]]) -> None:
-    text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def suite_files(out: Path, suite: SuiteSpec, data_seed: int) -> dict[str, Path]:
-    """``DIR/data/<key>/{train,validation,eval}.jsonl`` (written once; a pure function of the key).
-
-    The validation split is the first ``validation`` examples of each task in a
-    suite drawn with ``train + validation`` training examples per task: its
-    prompts differ from every train and eval prompt, and the eval split is the
-    one ``malora-fx data make`` writes for the same seed and eval count.
-    """
-    from .suites import make_suite
-
-    folder = out / "data" / f"{suite.key}-d{data_seed}"
-    splits = ("train", "validation", "eval") if suite.validation else ("train", "eval")
-    paths = {split: folder / f"{split}.jsonl" for split in splits}
-    if all(p.is_file() for p in paths.values()):
-        return paths
-    train, evaluation = make_suite(suite.name, train=suite.train + suite.validation, eval=suite.eval, seed=data_seed)
-    taken: dict[str, int] = {}
-    validation, rest = [], []
-    for example in train:
-        if taken.get(example["task"], 0) < suite.validation:
-            taken[example["task"]] = taken.get(example["task"], 0) + 1
-            validation.append(example)
-        else:
-            rest.append(example)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, examples in (("train", rest), ("validation", validation), ("eval", evaluation)):
-        if split in paths:
-            _write_jsonl(paths[split], examples)
-    return paths
 
 
 def versions() -> dict[str, str]:
@@ -333,16 +300,10 @@ def prepare_dir(out: Path, spec: SweepSpec, say: Say, own: set[str] | None = Non
     return rows
 
 
-def _ids(plan: list[Cell | Waiting]) -> set[str]:
-    return {c.id for c in plan if isinstance(c, Cell)}
-
-
 def _counts(plan: list[Cell | Waiting], done: set[str]) -> str:
     """``"K already done, M to run"`` (and ``", W waiting for the lr choice"``)."""
-    finished = len(done & _ids(plan))
-    waiting = sum(isinstance(c, Waiting) for c in plan)
-    text = f"{finished} already done, {len(plan) - finished - waiting} to run"
-    return text + (f", {waiting} waiting for the lr choice" if waiting else "")
+    finished, to_run, waiting = plan_counts(plan, done)
+    return f"{finished} already done, {to_run} to run" + (f", {waiting} waiting for the lr choice" if waiting else "")
 
 
 def run_sweep(
@@ -379,7 +340,7 @@ def run_sweep(
     runner, spent, number = _Runner(out, say), 0.0, 0
     while todo := [c for c in plan if isinstance(c, Cell) and c.id not in done]:
         cell, number = todo[0], number + 1
-        label = f"cell {len(done & _ids(plan)) + 1}/{len(plan)}{of_shard} {cell.id}"
+        label = f"cell {plan_counts(plan, done)[0] + 1}/{len(plan)}{of_shard} {cell.id}"
 
         def say_step(message: str, label: str = label) -> None:
             say(f"{label}: {message}")
@@ -391,15 +352,16 @@ def run_sweep(
         done = {r["id"] for r in rows}
         spent += row["wall_seconds"]
         plan = shard_cells(only_seeds(slots(spec, rows), seeds), shard)  # a search cell may choose an lr
-        left, score = sum(not (isinstance(c, Cell) and c.id in done) for c in plan), row["eval"]["exact_match"]
+        finished, to_run, waiting = plan_counts(plan, done)
+        left, score = to_run + waiting, row["eval"]["exact_match"]
         say(
-            f"cell {len(done & _ids(plan))}/{len(plan)}{of_shard} done (eval EM {100 * score:.1f}%, "
+            f"cell {finished}/{len(plan)}{of_shard} done (eval EM {100 * score:.1f}%, "
             f"{row['wall_seconds']:.0f} s), {left} left, ETA {_clock(spent / number * left)}"
         )
-    waiting = [slot.name for slot in plan if isinstance(slot, Waiting)]
-    if waiting:
+    still = [slot.name for slot in plan if isinstance(slot, Waiting)]
+    if still:
         say(
-            f"{len(waiting)} cells wait for the lr choice (first: {waiting[0]}): the search cells of their "
+            f"{len(still)} cells wait for the lr choice (first: {still[0]}): the search cells of their "
             "setting are not all finished; run again when the runs working on them are done"
         )
     rows = read_results(out / RESULTS)

@@ -26,7 +26,7 @@ from typing import Any
 
 from .sweep_spec import Cell, SweepSpec, product
 
-__all__ = ["Waiting", "cells", "chosen_lr", "lr_score", "setting_key", "slots"]
+__all__ = ["Waiting", "cells", "lr_score", "plan_counts", "setting_key", "slots"]
 
 
 @dataclass(frozen=True)
@@ -60,15 +60,20 @@ def lr_score(rows: Iterable[dict[str, Any]]) -> tuple[float, float]:
     )
 
 
-def chosen_lr(spec: SweepSpec, cell: Cell, rows: Sequence[dict[str, Any]]) -> float | None:
-    """The lr the search seeds chose for ``cell``'s setting, or None while a search cell is missing."""
+def _search_index(spec: SweepSpec, rows: Sequence[dict[str, Any]]) -> dict[str, dict[float, dict[int, dict]]]:
+    """The finished search cells with a validation split: setting key -> lr -> seed -> row (built once per plan)."""
     search = set(spec.seeds[: spec.lr_search_seeds])
-    key = setting_key(cell.settings())
-    by_lr: dict[float, dict[int, dict[str, Any]]] = {}
+    index: dict[str, dict[float, dict[int, dict]]] = {}
     for row in rows:
-        if row["seed"] in search and row.get("validation") and setting_key(row["settings"]) == key:
-            by_lr.setdefault(row["lr"], {})[row["seed"]] = row
-    if any(len(by_lr.get(lr, {})) < len(search) for lr in spec.lrs):
+        if row["seed"] in search and row.get("validation"):
+            index.setdefault(setting_key(row["settings"]), {}).setdefault(row["lr"], {})[row["seed"]] = row
+    return index
+
+
+def _chosen_lr(spec: SweepSpec, by_lr: dict[float, dict[int, dict]]) -> float | None:
+    """The lr the search seeds chose for one setting (its rows by lr and seed), or None while one is missing."""
+    searched = len(spec.seeds[: spec.lr_search_seeds])
+    if any(len(by_lr.get(lr, {})) < searched for lr in spec.lrs):
         return None
     scores = {lr: lr_score(by_lr[lr].values()) for lr in spec.lrs}
     return max(spec.lrs, key=lambda lr: (scores[lr], -spec.lrs.index(lr)))
@@ -79,14 +84,22 @@ def slots(spec: SweepSpec, rows: Sequence[dict[str, Any]] = ()) -> list[Cell | W
     if spec.lr_search_seeds is None or spec.lr_search_seeds >= len(spec.seeds):
         return list(product(spec))
     search = set(spec.seeds[: spec.lr_search_seeds])
+    index = _search_index(spec, rows)
     out: list[Cell | Waiting] = []
     for cell in product(spec):
         if cell.seed in search:
             out.append(cell)
         elif cell.train.lr == spec.lrs[0]:
-            lr = chosen_lr(spec, cell, rows)
+            lr = _chosen_lr(spec, index.get(setting_key(cell.settings()), {}))
             out.append(Waiting(cell) if lr is None else replace(cell, train=replace(cell.train, lr=lr)))
     return out
+
+
+def plan_counts(plan: Sequence[Cell | Waiting], done: set[str]) -> tuple[int, int, int]:
+    """``(finished, to run, waiting)`` of a plan, given the finished cell ids."""
+    finished = sum(isinstance(c, Cell) and c.id in done for c in plan)
+    waiting = sum(isinstance(c, Waiting) for c in plan)
+    return finished, len(plan) - finished - waiting, waiting
 
 
 def cells(spec: SweepSpec, rows: Sequence[dict[str, Any]] = ()) -> list[Cell]:
