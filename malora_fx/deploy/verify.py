@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import MaloraError
-from .runner import read_export
+from .runner import choose_provider, read_export
 
 __all__ = ["DEFAULT_PROMPTS", "TOLERANCES", "Check", "Verification", "verify_export"]
 
@@ -155,15 +155,14 @@ def _decoder_checks(export_dir: Path, model, prompts: list[list[int]], steps: in
 
 
 @torch.no_grad()
-def _single_pass_checks(export_dir: Path, manifest, model, prompts: list[list[int]], provider: str) -> list[Check]:
-    """A causal LM without a cache (logits) or an encoder (its first output), one forward per prompt."""
+def _single_pass_checks(export_dir: Path, manifest, model, prompts: list[list[int]], provider_name: str) -> list[Check]:
+    """A causal LM without a cache (logits) or an encoder (its first output), one forward per prompt
+    (``provider_name``: the execution provider, e.g. ``CPUExecutionProvider``)."""
     import onnxruntime as ort
-
-    from .runner import choose_provider
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(export_dir / "model.onnx"), options, providers=[choose_provider(provider)])
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), options, providers=[provider_name])
     output = manifest.outputs[0]
     checks = []
     for index, prompt in enumerate(prompts):
@@ -220,8 +219,6 @@ def verify_export(
 ) -> Verification:
     """Compare ``export_dir`` with its run's PyTorch model (see the module docstring); raises
     :class:`MaloraError` for what cannot be verified (no such export or run, a graph export, bad values)."""
-    from .runner import choose_provider
-
     directory = Path(export_dir)
     manifest = read_export(directory)
     provider_name = choose_provider(provider)  # an unknown or missing provider fails before any work
@@ -248,7 +245,7 @@ def verify_export(
     if manifest.kv_cache:
         checks = _decoder_checks(directory, model, ids, steps, provider)
     else:
-        checks = _single_pass_checks(directory, manifest, model, ids, provider)
+        checks = _single_pass_checks(directory, manifest, model, ids, provider_name)
     if genai:
         checks += _genai_checks(directory, model, ids, steps, provider)
     return Verification(
