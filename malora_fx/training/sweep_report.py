@@ -42,6 +42,7 @@ class Group:
     steps: int
     lr: float
     rows: list[dict[str, Any]] = field(default_factory=list)
+    compared: tuple[float, ...] = ()  # set by choose_lr on the chosen group: the lrs it was chosen from
 
     @property
     def setting(self) -> tuple:
@@ -104,7 +105,9 @@ def choose_lr(groups: list[Group]) -> list[Group] | None:
         def score(g: Group, common: set[int] = common) -> tuple[float, float]:
             return lr_score([r for r in g.rows if r["seed"] in common] if common else g.rows)
 
-        chosen.append(max(candidates, key=score))
+        best = max(candidates, key=score)
+        best.compared = tuple(sorted(g.lr for g in candidates))
+        chosen.append(best)
     return chosen
 
 
@@ -124,21 +127,25 @@ def _bases(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return bases
 
 
-def _table(groups: list[Group], bases: dict, *, validation: bool, speed: bool) -> list[str]:
+def _table(groups: list[Group], bases: dict, *, validation: bool, speed: bool, compared: bool = False) -> list[str]:
+    """One row per group; ``compared`` adds the lrs each chosen group was chosen from (a search still
+    under way shows fewer than the spec's)."""
     head = ["model", "suite", "method", "rank", "steps", "lr", "seeds", "eval EM %", "eval loss"]
     head += ["val EM %"] * validation + ["trainable", "% of base"] + ["train tok/s"] * speed
+    head += ["chosen from lrs"] * compared
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(groups, key=lambda g: (g.model, g.suite, g.method_name, g.rank, g.steps, g.lr))
     for key in sorted({(g.model, g.suite) for g in groups}):
         base = bases[key]
         cells = [*key, "base (no adapters)", "", "", "", "", _pct(base["exact_match"], None), _loss(base["loss"], None)]
-        cells += [""] * validation + ["0", "0.00"] + [""] * speed
+        cells += [""] * validation + ["0", "0.00"] + [""] * speed + [""] * compared
         lines.append("| " + " | ".join(cells) + " |")
         for g in (g for g in order if (g.model, g.suite) == key):
             cells = [g.model, g.suite, g.method_name, str(g.rank), str(g.steps), f"{g.lr:g}", str(len(g.rows))]
             cells += [_pct(g.mean(), g.std()), _loss(g.mean("eval", "loss"), g.std("eval", "loss"))]
             cells += [_pct(g.mean("validation"), g.std("validation"))] * validation
             cells += [f"{g.parameters:,}", f"{g.percent:.2f}"] + [f"{g.tokens_per_s:.0f}"] * speed
+            cells += [", ".join(f"{lr:g}" for lr in g.compared)] * compared
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -179,9 +186,10 @@ def render_markdown(rows: list[dict[str, Any]], plots: list[Path]) -> str:
             "## Learning rate chosen on the validation split",
             "",
             "One row per model × suite × method × rank × steps: the lr with the best mean validation EM "
-            "(ties: lower validation loss); eval numbers at that lr.",
+            "(ties: lower validation loss); eval numbers at that lr. The last column lists the lrs that "
+            "finished and were compared (fewer than the spec's while a search is under way).",
             "",
-            *_table(chosen, bases, validation=True, speed=False),
+            *_table(chosen, bases, validation=True, speed=False, compared=True),
             "",
         ]
     lines += ["## Per task", ""]

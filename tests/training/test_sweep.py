@@ -262,8 +262,11 @@ def test_report_chooses_lr_on_validation_not_eval(tmp_path):
     write_report(tmp_path)
     text = (tmp_path / "results.md").read_text()
     chosen = text.split("## Learning rate chosen")[1].split("## Per task")[0]
-    assert "| m | inter | MALoRA | 12 | 10 | 0.001 | 2 | 30.0 ± 14.1 | 1.000 ± 0.000 | 60.0 ± 14.1 |" in chosen
-    assert "0.01" not in chosen and "| 0.01 | 2 | 90.0 ± 0.0 |" in text.split("## All cells")[1]
+    assert (
+        "| m | inter | MALoRA | 12 | 10 | 0.001 | 2 | 30.0 ± 14.1 | 1.000 ± 0.000 | 60.0 ± 14.1 | 1,000 | 1.50 "
+        "| 0.001, 0.01 |" in chosen
+    )
+    assert "| 0.01 |" not in chosen and "| 0.01 | 2 | 90.0 ± 0.0 |" in text.split("## All cells")[1]
 
 
 def test_read_results_refuses_a_damaged_middle_line(tmp_path):
@@ -458,7 +461,8 @@ def test_report_compares_lrs_on_the_seeds_they_all_ran(tmp_path):
         append_result(tmp_path / RESULTS, r)
     write_report(tmp_path)
     chosen = (tmp_path / "results.md").read_text().split("## Learning rate chosen")[1].split("## Per task")[0]
-    assert "| m | inter | LoRA | 4 | 10 | 0.01 | 3 | 30.0 ± 26.5 |" in chosen and "0.001" not in chosen
+    assert "| m | inter | LoRA | 4 | 10 | 0.01 | 3 | 30.0 ± 26.5 |" in chosen and "| 0.001 |" not in chosen
+    assert chosen.count("| 0.001, 0.01 |") == 1  # the lrs it was chosen from
 
 
 def _tiny_lr_search() -> dict:
