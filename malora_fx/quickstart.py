@@ -29,7 +29,8 @@ from .deploy.onnx_export import export_run
 from .deploy.runner import OrtGenerator
 from .graph.sources import load_model
 from .training.data import format_prompt, read_jsonl
-from .training.evaluate import cached_decoder, exact_match, load_run_for_eval, stop_token_ids
+from .training.eval_decoder import cached_decoder, load_run_for_eval
+from .training.evaluate import exact_match, stop_token_ids
 from .training.loop import TrainArgs, train
 from .training.suites import check_answer, write_suite
 

@@ -40,7 +40,8 @@ import torch
 import malora_fx as mf
 from malora_fx.adapters.run_dir import load_run
 from malora_fx.training.data import encode, read_jsonl
-from malora_fx.training.evaluate import cached_decoder, greedy_predictions
+from malora_fx.training.eval_decoder import cached_decoder
+from malora_fx.training.evaluate import greedy_predictions
 
 
 def limited(examples, limit: int | None):

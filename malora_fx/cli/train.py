@@ -115,7 +115,8 @@ def _limit(examples, limit):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.data import read_jsonl
-    from ..training.evaluate import cached_decoder, evaluate, load_run_for_eval
+    from ..training.eval_decoder import cached_decoder, load_run_for_eval
+    from ..training.evaluate import evaluate
 
     _check_counts(args, ("batch_size", "max_length", "max_new_tokens", "limit"))
     examples = _limit(read_jsonl(args.data), args.limit)

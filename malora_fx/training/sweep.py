@@ -166,7 +166,7 @@ class _Runner:
         if path.is_file():
             return json.loads(path.read_text())["results"]
         self.say(f"evaluating the base model {cell.model} on {paths['eval'].parent.name}")
-        from .evaluate import cached_decoder
+        from .eval_decoder import cached_decoder
 
         model = self.loaded.model.to(cell.train.device)
         results = self._evaluate(
@@ -186,7 +186,7 @@ class _Runner:
         training moved those (not the model's buffers) to ``device``; both go back first, and
         ``gm`` returns to ``device`` for the loss pass."""
         from ..graph.move import move_to_device
-        from .evaluate import cached_decoder
+        from .eval_decoder import cached_decoder
 
         move_to_device(gm, "cpu")
         self.loaded.model.to("cpu")

@@ -12,14 +12,8 @@ from malora_fx.adapters.run_dir import load_run
 from malora_fx.cli import main
 from malora_fx.graph.tiny_models import tiny_tokenizer
 from malora_fx.training.data import Example
-from malora_fx.training.evaluate import (
-    CachedDecoder,
-    cached_decoder,
-    evaluate,
-    greedy_generate,
-    greedy_generate_cached,
-    load_run_for_eval,
-)
+from malora_fx.training.eval_decoder import CachedDecoder, cached_decoder, load_run_for_eval
+from malora_fx.training.evaluate import evaluate, greedy_generate, greedy_generate_cached
 from malora_fx.training.suites import write_suite
 
 # different lengths in one batch: the short ones get a padding gap before their generated tokens

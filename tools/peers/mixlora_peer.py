@@ -86,7 +86,7 @@ from bench_train_step import CONFIGS, make_step  # noqa: E402
 import malora_fx  # noqa: E402
 from malora_fx.graph.sources import load_model  # noqa: E402
 from malora_fx.training.args import TrainArgs  # noqa: E402
-from malora_fx.training.evaluate import cached_decoder  # noqa: E402
+from malora_fx.training.eval_decoder import cached_decoder  # noqa: E402
 from malora_fx.training.loop import prepare  # noqa: E402
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -68,7 +68,7 @@ from _common import (  # noqa: E402
 from malora_fx import MALoRAConfig, adapter_layers, set_adapters_training, transform  # noqa: E402
 from malora_fx.graph.sources import load_model  # noqa: E402
 from malora_fx.training.args import TrainArgs  # noqa: E402
-from malora_fx.training.evaluate import cached_decoder  # noqa: E402
+from malora_fx.training.eval_decoder import cached_decoder  # noqa: E402
 from malora_fx.training.loop import prepare  # noqa: E402
 
 
