@@ -19,6 +19,12 @@ def add_parsers(sub) -> None:
     p.add_argument("spec", help="sweep spec, .toml or .json (see examples/sweep/)")
     p.add_argument("--out", required=True, help="sweep directory (new, empty, or an earlier run of a sweep)")
     p.add_argument("--dry-run", action="store_true", help="validate the spec and list its cells; run nothing")
+    p.add_argument(
+        "--from-results",
+        metavar="FILE",
+        help="count the cells finished in FILE (a copy of a sweep's results.jsonl, e.g. a committed one) as "
+        "finished in --out, then run the rest",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write results.md and the plots at the end")
     p.add_argument(
         "--device",
@@ -62,6 +68,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ..training.sweep import (
         RESULTS,
         Cell,
+        import_results,
         load_spec,
         only_seeds,
         parse_seeds,
@@ -76,6 +83,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         with_suites,
     )
 
+    imported = None
+    if args.from_results:
+        full = load_spec(args.spec)
+        full = with_device(full, args.device) if args.device else full
+        imported = import_results(args.out, args.from_results, full, write=not args.dry_run)
     if args.jobs != 1 and not args.dry_run:
         if args.shard:
             raise MaloraError("--jobs and --shard: choose one (--jobs starts the shards itself)")
@@ -103,7 +115,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = with_suites(spec, args.suites)
     seeds = parse_seeds(spec, args.seeds) if args.seeds else None
     if args.dry_run:
-        rows = read_results(Path(args.out) / RESULTS)
+        rows = imported if imported is not None else read_results(Path(args.out) / RESULTS)
         done = {r["id"] for r in rows}
         plan = shard_cells(only_seeds(slots(spec, rows), seeds), shard)
         for slot in plan:

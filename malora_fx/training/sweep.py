@@ -42,7 +42,7 @@ from typing import Any
 from ..errors import MaloraError
 from ..fileio import atomic_write
 from .sweep_data import suite_files
-from .sweep_plan import Waiting, cells, plan_counts, slots
+from .sweep_plan import Waiting, cells, plan_counts, rows_of_spec, slots
 from .sweep_results import append_result, read_results
 from .sweep_select import (
     only_seeds,
@@ -61,6 +61,7 @@ __all__ = [
     "SweepSpec",
     "Waiting",
     "cells",
+    "import_results",
     "load_spec",
     "only_seeds",
     "parse_seeds",
@@ -298,6 +299,40 @@ def prepare_dir(out: Path, spec: SweepSpec, say: Say, own: set[str] | None = Non
             say(f"removing the unfinished cell {folder.name}")
             shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def import_results(
+    out: str | Path, source: str | Path, spec: SweepSpec, say: Say | None = None, *, write: bool = True
+) -> list[dict[str, Any]]:
+    """Count ``source``'s finished cells (another copy of a sweep's ``results.jsonl``) as finished in ``out``.
+
+    The rows of ``source`` that are cells of ``spec``'s full grid (every lr and seed, on any device:
+    :func:`~.sweep_plan.rows_of_spec`) and not yet in ``out/results.jsonl`` are appended to it; rows of
+    other cells are left out (and counted), rows already in ``out`` stay as they are. ``out`` is
+    prepared as a sweep directory (:func:`prepare_dir`, clearing nothing). ``write=False`` (a dry run)
+    writes nothing. Returns the rows ``out`` then holds.
+    A ``source`` that is missing, or whose rows are none of ``spec``'s cells, is an error.
+    """
+    say = say or _say
+    out, source = Path(out), Path(source)
+    if not source.is_file():
+        raise MaloraError(f"from-results: {str(source)!r} is not a file; give a sweep's results.jsonl")
+    theirs = read_results(source)
+    kept, other = rows_of_spec(spec, theirs)
+    if theirs and not kept:
+        raise MaloraError(
+            f"from-results: none of the {len(theirs)} rows of {str(source)!r} is a cell of {spec.source} "
+            "(another spec, or other settings)"
+        )
+    ours = prepare_dir(out, spec, say, own=set()) if write else read_results(out / RESULTS)
+    present = {row["id"] for row in ours}
+    new = [row for row in kept if row["id"] not in present]
+    for row in new if write else ():
+        append_result(out / RESULTS, row)
+    already = f", {len(kept) - len(new)} already here" if len(new) < len(kept) else ""
+    left_out = f", {other} rows of other cells left out" if other else ""
+    say(f"{len(new)} finished cells taken from {source}{already}{left_out}")
+    return ours + new
 
 
 def _counts(plan: list[Cell | Waiting], done: set[str]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from .sweep_spec import Cell, SweepSpec, product
 
-__all__ = ["Waiting", "cells", "lr_score", "plan_counts", "setting_key", "slots"]
+__all__ = ["Waiting", "cells", "lr_score", "plan_counts", "rows_of_spec", "setting_key", "slots"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,20 @@ def plan_counts(plan: Sequence[Cell | Waiting], done: set[str]) -> tuple[int, in
 def cells(spec: SweepSpec, rows: Sequence[dict[str, Any]] = ()) -> list[Cell]:
     """The cells that can run now: every cell of ``spec`` but the waiting ones (:func:`slots`)."""
     return [slot for slot in slots(spec, rows) if isinstance(slot, Cell)]
+
+
+def _grid_key(settings: dict[str, Any]) -> tuple[str, float, int]:
+    """A cell's place in a spec's full grid whatever the device: its setting, lr and seed."""
+    return setting_key(settings), settings["train"]["lr"], settings["train"]["seed"]
+
+
+def rows_of_spec(spec: SweepSpec, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows that are cells of ``spec``'s full grid (every lr and seed) run on any device (the first
+    line of each id, in order), and how many rows are not. A row run on another device is another cell
+    (its id differs), but it still counts in the lr choice of :func:`slots` and in the report."""
+    grid = {_grid_key(cell.settings()) for cell in product(spec)}
+    kept: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if _grid_key(row["settings"]) in grid:
+            kept.setdefault(row["id"], row)
+    return list(kept.values()), sum(_grid_key(row["settings"]) not in grid for row in rows)

@@ -235,6 +235,47 @@ def test_resume_skips_finished_cells_and_reruns_a_killed_one(smoke):
         assert again[1][key] == rows[1][key], key  # the rerun reproduces the numbers
 
 
+def _other_settings(row: dict, **train) -> dict:
+    """``row`` as a cell with other train settings (and so another id)."""
+    settings = json.loads(json.dumps(row["settings"]))
+    settings["train"].update(train)
+    return dict(row, settings=settings, id=f"{row['id']}-{'-'.join(map(str, train.values()))}")
+
+
+def test_from_results_counts_another_copys_cells_as_finished(smoke, tmp_path, capsys):
+    rows = smoke["rows"]
+    # the smoke's lines (one twice), the first cell as run on a GPU, and a cell the spec does not have
+    on_gpu, foreign = _other_settings(rows[0], device="cuda"), _other_settings(rows[0], lr=0.5)
+    copy = tmp_path / "committed.jsonl"
+    copy.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], foreign, rows[1], on_gpu, rows[0]]))
+    out = tmp_path / "resumed"
+    spec = str(EXAMPLES / "smoke.toml")
+    assert main(["sweep", spec, "--out", str(out), "--from-results", str(copy), "--dry-run"]) == 0
+    printed, err = capsys.readouterr()
+    assert printed.splitlines()[-1] == "2 cells, 2 done, 0 to run"
+    assert "3 finished cells taken from" in err and "1 rows of other cells left out" in err
+    assert not out.exists()  # a dry run writes nothing
+    assert main(["sweep", spec, "--out", str(out), "--from-results", str(copy), "--no-report"]) == 0
+    assert "2 cells, 2 already done, 0 to run" in capsys.readouterr().err
+    assert read_results(out / RESULTS) == [rows[0], rows[1], on_gpu] and (out / "spec.json").is_file()
+    # again: nothing appended twice
+    assert main(["sweep", spec, "--out", str(out), "--from-results", str(copy), "--no-report"]) == 0
+    assert "0 finished cells taken from" in capsys.readouterr().err
+    assert len(read_results(out / RESULTS)) == 3
+
+
+def test_from_results_refuses_a_missing_file_and_one_of_another_spec(smoke, tmp_path, capsys):
+    spec, out = str(EXAMPLES / "smoke.toml"), str(tmp_path / "out")
+    assert main(["sweep", spec, "--out", out, "--from-results", str(tmp_path / "none.jsonl")]) == 2
+    assert f"error: from-results: '{tmp_path / 'none.jsonl'}' is not a file" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(_other_settings(smoke["rows"][0], steps=5)) + "\n")
+    assert main(["sweep", spec, "--out", out, "--from-results", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of the 1 rows of" in err and "is a cell of" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_chooses_lr_on_validation_not_eval(tmp_path):
     def row(lr, seed, val, ev):
         scores = {"exact_match": ev, "loss": 1.0, "n": 2, "tasks": {"t": {"exact_match": ev, "loss": 1.0, "n": 2}}}
