@@ -33,17 +33,15 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import MaloraError
-from ..fileio import atomic_write
 from .sweep_data import suite_files
-from .sweep_plan import Waiting, cells, plan_counts, rows_of_spec, slots
-from .sweep_results import append_result, read_results
+from .sweep_dir import Say, import_results, prepare_dir, say_stderr, write_json
+from .sweep_plan import Waiting, cells, plan_counts, slots
+from .sweep_results import RESULTS, append_result, read_results
 from .sweep_select import (
     only_seeds,
     parse_seeds,
@@ -67,7 +65,10 @@ __all__ = [
     "parse_seeds",
     "parse_shard",
     "parse_spec",
+    "prepare_dir",
     "plan_counts",
+    "RESULTS",
+    "Say",
     "read_results",
     "run_sweep",
     "shard_cells",
@@ -78,18 +79,7 @@ __all__ = [
     "with_suites",
 ]
 
-RESULTS = "results.jsonl"
 FORMAT = "malora-fx-sweep/1"
-Say = Callable[[str], None]
-
-
-def _say(message: str) -> None:
-    print(f"malora-fx: sweep: {message}", file=sys.stderr, flush=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def versions() -> dict[str, str]:
@@ -177,7 +167,7 @@ class _Runner:
             cached_decoder(model),
         )
         model.to("cpu")  # cells capture and initialise adapters on the CPU, whatever the device
-        _write_json(path, {"key": key, "results": results})
+        write_json(path, {"key": key, "results": results})
         return results
 
     def _cached_decoder(self, gm, device: str):
@@ -260,7 +250,7 @@ class _Runner:
                 "versions": versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            _write_json(tmp / "result.json", row)
+            write_json(tmp / "result.json", row)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,67 +262,6 @@ def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def prepare_dir(out: Path, spec: SweepSpec, say: Say, own: set[str] | None = None) -> list[dict[str, Any]]:
-    """Check ``out`` (new, empty, or an earlier sweep's), record the spec, clear partial cells; the finished rows.
-
-    ``own`` (a shard's cell ids) limits the clearing to those cells, so that shards running at the same
-    time in one directory leave each other's cells in progress alone.
-    """
-    if out.exists() and not out.is_dir():
-        raise MaloraError(f"out: {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "spec.json").is_file():
-        raise MaloraError(f"out: {str(out)!r} is not empty and holds no sweep (no spec.json); choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    previous, recorded = out / "spec.json", json.loads(json.dumps(spec.to_dict(), sort_keys=True))
-    if previous.is_file() and json.loads(previous.read_text()) != recorded:
-        say("the spec differs from the one recorded in spec.json; finished cells with the same settings are kept")
-    _write_json(previous, recorded)
-    rows = read_results(out / RESULTS)
-    done = {r["id"] for r in rows}
-    for folder in sorted((out / "cells").glob("*")) if (out / "cells").is_dir() else []:
-        name = folder.name.removesuffix(".tmp")
-        if own is not None and name not in own:
-            continue
-        if folder.name.endswith(".tmp") or folder.name not in done:
-            say(f"removing the unfinished cell {folder.name}")
-            shutil.rmtree(folder, ignore_errors=True)
-    return rows
-
-
-def import_results(
-    out: str | Path, source: str | Path, spec: SweepSpec, say: Say | None = None, *, write: bool = True
-) -> list[dict[str, Any]]:
-    """Count ``source``'s finished cells (another copy of a sweep's ``results.jsonl``) as finished in ``out``.
-
-    The rows of ``source`` that are cells of ``spec``'s full grid (every lr and seed, on any device:
-    :func:`~.sweep_plan.rows_of_spec`) and not yet in ``out/results.jsonl`` are appended to it; rows of
-    other cells are left out (and counted), rows already in ``out`` stay as they are. ``out`` is
-    prepared as a sweep directory (:func:`prepare_dir`, clearing nothing). ``write=False`` (a dry run)
-    writes nothing. Returns the rows ``out`` then holds.
-    A ``source`` that is missing, or whose rows are none of ``spec``'s cells, is an error.
-    """
-    say = say or _say
-    out, source = Path(out), Path(source)
-    if not source.is_file():
-        raise MaloraError(f"from-results: {str(source)!r} is not a file; give a sweep's results.jsonl")
-    theirs = read_results(source)
-    kept, other = rows_of_spec(spec, theirs)
-    if theirs and not kept:
-        raise MaloraError(
-            f"from-results: none of the {len(theirs)} rows of {str(source)!r} is a cell of {spec.source} "
-            "(another spec, or other settings)"
-        )
-    ours = prepare_dir(out, spec, say, own=set()) if write else read_results(out / RESULTS)
-    present = {row["id"] for row in ours}
-    new = [row for row in kept if row["id"] not in present]
-    for row in new if write else ():
-        append_result(out / RESULTS, row)
-    already = f", {len(kept) - len(new)} already here" if len(new) < len(kept) else ""
-    left_out = f", {other} rows of other cells left out" if other else ""
-    say(f"{len(new)} finished cells taken from {source}{already}{left_out}")
-    return ours + new
 
 
 def _counts(plan: list[Cell | Waiting], done: set[str]) -> str:
@@ -361,7 +290,7 @@ def run_sweep(
     With ``lr_search_seeds``, a later seed's cell runs once the search cells of its setting have
     finished (:mod:`.sweep_plan`); cells still waiting at the end are named in one message.
     """
-    say = say or _say
+    say = say or say_stderr
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
     out = Path(out)
     rows = read_results(out / RESULTS)

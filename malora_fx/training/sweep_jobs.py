@@ -21,7 +21,6 @@ from .sweep import (
     RESULTS,
     Cell,
     Say,
-    _say,
     cells,
     load_spec,
     only_seeds,
@@ -33,6 +32,7 @@ from .sweep import (
     with_methods,
     with_suites,
 )
+from .sweep_dir import say_stderr
 
 
 def shard_command(
@@ -81,7 +81,7 @@ def run_jobs(
 
     Each shard gets ``OMP_NUM_THREADS`` = CPU cores // jobs unless it is set. A failed shard is an
     error once all have stopped (the others' cells are kept; the same command resumes)."""
-    say = say or _say
+    say = say or say_stderr
     if jobs < 1:
         raise MaloraError(f"jobs: {jobs}; allowed: 1 or more")
     spec = load_spec(spec_path)

@@ -13,7 +13,9 @@ from typing import Any
 
 from ..errors import MaloraError
 
-__all__ = ["append_result", "read_results"]
+__all__ = ["RESULTS", "append_result", "read_results"]
+
+RESULTS = "results.jsonl"
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
