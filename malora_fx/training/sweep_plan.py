@@ -107,8 +107,10 @@ def cells(spec: SweepSpec, rows: Sequence[dict[str, Any]] = ()) -> list[Cell]:
     return [slot for slot in slots(spec, rows) if isinstance(slot, Cell)]
 
 
-def _grid_key(settings: dict[str, Any]) -> tuple[str, float, int]:
-    """A cell's place in a spec's full grid whatever the device: its setting, lr and seed."""
+def _grid_key(settings: Any) -> tuple[str, float, int] | None:
+    """A cell's place in a spec's full grid whatever the device: its setting, lr and seed (None: no settings)."""
+    if not isinstance(settings, dict) or not {"train", "config"} <= settings.keys():
+        return None
     return setting_key(settings), settings["train"]["lr"], settings["train"]["seed"]
 
 
@@ -117,8 +119,8 @@ def rows_of_spec(spec: SweepSpec, rows: Sequence[dict[str, Any]]) -> tuple[list[
     line of each id, in order), and how many rows are not. A row run on another device is another cell
     (its id differs), but it still counts in the lr choice of :func:`slots` and in the report."""
     grid = {_grid_key(cell.settings()) for cell in product(spec)}
+    ours = [row for row in rows if _grid_key(row.get("settings")) in grid]
     kept: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if _grid_key(row["settings"]) in grid:
-            kept.setdefault(row["id"], row)
-    return list(kept.values()), sum(_grid_key(row["settings"]) not in grid for row in rows)
+    for row in ours:
+        kept.setdefault(row["id"], row)
+    return list(kept.values()), len(rows) - len(ours)

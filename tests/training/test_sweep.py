@@ -244,16 +244,18 @@ def _other_settings(row: dict, **train) -> dict:
 
 def test_from_results_counts_another_copys_cells_as_finished(smoke, tmp_path, capsys):
     rows = smoke["rows"]
-    # the smoke's lines (one twice), the first cell as run on a GPU, and a cell the spec does not have
+    # the smoke's lines (one twice), the first cell as run on a GPU, a cell the spec does not have and a
+    # line without settings
     on_gpu, foreign = _other_settings(rows[0], device="cuda"), _other_settings(rows[0], lr=0.5)
     copy = tmp_path / "committed.jsonl"
-    copy.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], foreign, rows[1], on_gpu, rows[0]]))
+    lines = [rows[0], foreign, rows[1], on_gpu, rows[0], {"id": "no-settings"}]
+    copy.write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "resumed"
     spec = str(EXAMPLES / "smoke.toml")
     assert main(["sweep", spec, "--out", str(out), "--from-results", str(copy), "--dry-run"]) == 0
     printed, err = capsys.readouterr()
     assert printed.splitlines()[-1] == "2 cells, 2 done, 0 to run"
-    assert "3 finished cells taken from" in err and "1 rows of other cells left out" in err
+    assert "3 finished cells taken from" in err and "2 rows of other cells left out" in err
     assert not out.exists()  # a dry run writes nothing
     assert main(["sweep", spec, "--out", str(out), "--from-results", str(copy), "--no-report"]) == 0
     assert "2 cells, 2 already done, 0 to run" in capsys.readouterr().err
