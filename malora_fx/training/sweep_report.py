@@ -6,7 +6,8 @@ split, the learning rate of each model × suite × method × rank × steps is th
 one with the best mean validation exact match (ties: lower validation loss) on
 the seeds every lr ran, and the "chosen" table and the plots report the eval
 split at that lr; without a validation split the plots use every lr and the
-table lists them all. The eval split never picks anything.
+table lists them all. The eval split never picks anything. Methods sharing two
+seeds or more are also compared seed by seed (:mod:`.sweep_paired`).
 
 Plots (matplotlib, Agg): ``methods.png`` (bars per method), ``rank_sweep.png``
 (exact match against expert rank per method, when some method has two ranks or
@@ -25,6 +26,7 @@ from typing import Any
 from ..errors import MaloraError
 from ..fileio import atomic_write
 from .sweep import RESULTS, read_results
+from .sweep_paired import paired_tables
 from .sweep_plan import lr_score
 
 REPORT = "results.md"
@@ -191,6 +193,18 @@ def render_markdown(rows: list[dict[str, Any]], plots: list[Path]) -> str:
             "",
             *_table(chosen, bases, validation=True, speed=False, compared=True),
             "",
+        ]
+    one_lr = chosen if chosen is not None else groups if len({g.setting for g in groups}) == len(groups) else None
+    paired = paired_tables(one_lr) if one_lr else []
+    if paired:
+        lines += [
+            "## Paired differences",
+            "",
+            "Method against method on the seeds both ran (same data, same init seed), at the lr of the table "
+            "above: row minus column eval EM in points, mean ± sample std of the per-seed differences, the "
+            "number of seeds in parentheses. A gap smaller than its std is not one these seeds resolve.",
+            "",
+            *paired,
         ]
     lines += ["## Per task", ""]
     lines += _per_task(chosen if chosen is not None else groups, bases)

@@ -508,6 +508,35 @@ def test_report_compares_lrs_on_the_seeds_they_all_ran(tmp_path):
     assert chosen.count("| 0.001, 0.01 |") == 1  # the lrs it was chosen from
 
 
+def test_report_pairs_methods_on_the_seeds_both_ran(tmp_path):
+    def row(method, rank, seed, em):
+        scores = {"exact_match": em, "loss": 1.0, "n": 2, "tasks": {"t": {"exact_match": em, "loss": 1.0, "n": 2}}}
+        return {
+            "id": f"{method}-{rank}-{seed}",
+            **{"model": "m", "suite": "inter", "method_name": method, "method": "lora", "rank": rank, "steps": 10},
+            **{"lr": 1e-3, "seed": seed, "eval": scores, "base": {"eval": scores}},
+            **{"trainable_parameters": 10, "trainable_percent": 1.0, "train_tokens_per_s": 1.0, "versions": {}},
+        }
+
+    # A beats B on each of seeds 0-2 by 10, 20, 30 points; A at rank 8 ran seed 0 only (no pair)
+    a, b = [0.5, 0.6, 0.9], [0.4, 0.4, 0.6]
+    rows = [row("A", 4, s, em) for s, em in enumerate(a)] + [row("B", 4, s, em) for s, em in enumerate(b)]
+    for r in [*rows, row("A", 8, 0, 0.1), row("B", 4, 3, 0.0)]:  # B's seed 3 has no A to pair with
+        append_result(tmp_path / RESULTS, r)
+    write_report(tmp_path)
+    paired = (tmp_path / "results.md").read_text().split("## Paired differences")[1].split("## Per task")[0]
+    assert "| row − column | A r4 | A r8 | B |" in paired  # the rank named where a method has two
+    assert "| A r4 | – |  | +20.0 ± 10.0 (3) |" in paired
+    assert "| B | -20.0 ± 10.0 (3) |  | – |" in paired
+    # a single seed each: no section at all
+    single = tmp_path / "single"
+    single.mkdir()
+    for r in [rows[0], rows[3]]:
+        append_result(single / RESULTS, r)
+    write_report(single)
+    assert "## Paired differences" not in (single / "results.md").read_text()
+
+
 def _tiny_lr_search() -> dict:
     """Two lrs searched on seed 0, seed 1 after: 3 tiny-llama cells of a few seconds each."""
     return _spec(
