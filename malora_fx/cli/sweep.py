@@ -83,14 +83,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         with_suites,
     )
 
+    if args.jobs != 1 and args.shard and not args.dry_run:
+        raise MaloraError("--jobs and --shard: choose one (--jobs starts the shards itself)")
+    spec = load_spec(args.spec)
+    if args.device:
+        spec = with_device(spec, args.device)
     imported = None
-    if args.from_results:
-        full = load_spec(args.spec)
-        full = with_device(full, args.device) if args.device else full
-        imported = import_results(args.out, args.from_results, full, write=not args.dry_run)
+    if args.from_results:  # the whole spec's cells, before --methods/--suites narrow what runs
+        imported = import_results(args.out, args.from_results, spec, write=not args.dry_run)
     if args.jobs != 1 and not args.dry_run:
-        if args.shard:
-            raise MaloraError("--jobs and --shard: choose one (--jobs starts the shards itself)")
         from ..training.sweep_jobs import run_jobs
 
         rows = run_jobs(
@@ -106,9 +107,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(rows)} finished cells in {Path(args.out) / RESULTS}")
         return 0
     shard = parse_shard(args.shard) if args.shard else None
-    spec = load_spec(args.spec)
-    if args.device:
-        spec = with_device(spec, args.device)
     if args.methods:
         spec = with_methods(spec, args.methods)
     if args.suites:

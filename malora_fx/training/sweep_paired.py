@@ -9,6 +9,7 @@ sample std says how steady the gap is (compare it with the per-method std of the
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ __all__ = ["paired_difference", "paired_tables"]
 MIN_SEEDS = 2  # a pair with fewer common seeds has no spread to show; its cell stays empty
 
 
-def _label(group: Group, ranks_per_method: dict[str, int]) -> str:
+def _label(group: Group, ranks_per_method: Counter[str]) -> str:
     """The method label, with the rank when the table holds that method at several ranks."""
     return f"{group.method_name} r{group.rank}" if ranks_per_method[group.method_name] > 1 else group.method_name
 
@@ -34,10 +35,7 @@ def paired_difference(a: Group, b: Group) -> tuple[float, float, int] | None:
     return statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
 
 
-def _cell(a: Group, b: Group) -> str:
-    if a is b:
-        return "–"
-    found = paired_difference(a, b)
+def _cell(found: tuple[float, float, int] | None) -> str:
     if found is None:
         return ""
     mean, std, seeds = found
@@ -51,15 +49,15 @@ def paired_tables(groups: list[Group]) -> list[str]:
     lines: list[str] = []
     for key in sorted({(g.model, g.suite, g.steps) for g in groups}):
         these = sorted((g for g in groups if (g.model, g.suite, g.steps) == key), key=lambda g: (g.method_name, g.rank))
-        if not any(paired_difference(a, b) for a in these for b in these if a is not b):
+        pairs = {(i, j): paired_difference(a, b) for i, a in enumerate(these) for j, b in enumerate(these) if i != j}
+        if not any(pairs.values()):
             continue
-        ranks: dict[str, int] = {}
-        for g in these:
-            ranks[g.method_name] = ranks.get(g.method_name, 0) + 1
+        ranks = Counter(g.method_name for g in these)
         labels = [_label(g, ranks) for g in these]
         lines += [f"### {key[0]} / {key[1]} / {key[2]} steps: row − column, eval EM points", ""]
         lines += ["| row − column | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
-        for a, label in zip(these, labels, strict=True):
-            lines.append(f"| {label} | " + " | ".join(_cell(a, b) for b in these) + " |")
+        for i, label in enumerate(labels):
+            cells = ["–" if i == j else _cell(pairs[i, j]) for j in range(len(these))]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

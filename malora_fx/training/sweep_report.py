@@ -194,8 +194,8 @@ def render_markdown(rows: list[dict[str, Any]], plots: list[Path]) -> str:
             *_table(chosen, bases, validation=True, speed=False, compared=True),
             "",
         ]
-    one_lr = chosen if chosen is not None else groups if len({g.setting for g in groups}) == len(groups) else None
-    paired = paired_tables(one_lr) if one_lr else []
+    one_lr = chosen if chosen is not None else groups  # without validation: paired only if no setting has two lrs
+    paired = paired_tables(one_lr) if len({g.setting for g in one_lr}) == len(one_lr) else []
     if paired:
         lines += [
             "## Paired differences",
