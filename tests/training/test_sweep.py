@@ -147,6 +147,10 @@ def test_cell_counts_and_settings_of_the_example_specs():
     }
     paper_malora = {c.id for c in paper if c.method_name == "MALoRA" and c.seed == 0 and c.train.lr == 1e-3}
     assert ablation["MALoRA"].id in paper_malora  # the baseline is paper_small's cell
+    check = cells(load_spec(EXAMPLES / "intra_lr_check.toml"))
+    assert len(check) == 2 * 2 * 3  # methods x lrs x seeds, every lr on every seed
+    paper_intra = {c.id for c in paper if c.suite.name == "intra"}
+    assert {c.id for c in check} <= paper_intra  # paper_small's cells, so its results count
 
 
 def test_cell_ids_are_stable_and_cover_every_setting():
