@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,14 @@ def test_cell_counts_and_settings_of_the_example_specs():
     assert len(check) == 2 * 2 * 3  # methods x lrs x seeds, every lr on every seed
     paper_intra = {c.id for c in paper if c.suite.name == "intra"}
     assert {c.id for c in check} <= paper_intra  # paper_small's cells, so its results count
+    renorm = cells(load_spec(EXAMPLES / "intra_renorm_check.toml"))
+    assert len(renorm) == 2 * 3 and all(c.config.normalize_top_k for c in renorm)
+    assert ablation["MALoRA-renorm"].id in {c.id for c in renorm}  # the ablation's cell, so its result counts
+    plain = {c.method_name: c for c in check if c.seed == 0 and c.train.lr == 1e-3}
+    for c in renorm:  # each is its plain lr-check cell with only the renormalisation changed
+        twin = plain[c.method_name.removesuffix("-renorm")]
+        assert c.config == replace(twin.config, normalize_top_k=True, seed=c.seed)
+        assert (c.train, c.suite) == (replace(twin.train, seed=c.seed), twin.suite)
 
 
 def test_cell_ids_are_stable_and_cover_every_setting():
