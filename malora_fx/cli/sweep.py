@@ -41,15 +41,16 @@ def add_parsers(sub) -> None:
         "--shard",
         metavar="I/N",
         help="run only shard I of N (every N-th cell from the I-th); N processes can share one --out, e.g. on "
-        "one GPU; no report is written (run sweep-report when all are done)",
+        "one GPU; no report is written (run sweep-report when all are done); on a CPU set OMP_NUM_THREADS to "
+        "cores / N for each, as --jobs does",
     )
     p.add_argument(
         "--jobs",
         type=int,
         default=1,
         metavar="N",
-        help="run the cells in N processes at once (shards sharing --out; e.g. 8-16 for a small model on one "
-        "GPU), then write the report",
+        help="run the cells in N processes at once (shards sharing --out, each with OMP_NUM_THREADS = cores / N "
+        "unless set; e.g. 8-16 for a small model on one GPU), then write the report",
     )
     p.set_defaults(func=cmd_sweep)
 
